@@ -1,0 +1,14 @@
+"""convify: turn a CNN classifier into an exact fully-convolutional network that gives class score maps.
+
+>>> fcn = convify.convert(torchvision.models.vgg16(), input_size=224)
+>>> fcn(torch.randn(1, 3, 384, 384)).shape
+torch.Size([1, 1000, 6, 6])
+"""
+from .convert import convert
+from .errors import ConversionError, ConvifyError, ModelLoadError, OutputExistsError
+from .fcn import FullyConvNet, ModelMeta, load
+from .geometry import Geometry
+
+__all__ = ["convert", "load", "FullyConvNet", "Geometry", "ModelMeta", "ConvifyError", "ConversionError",
+           "ModelLoadError", "OutputExistsError"]
+__version__ = "0.1.0"

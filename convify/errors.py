@@ -1,0 +1,17 @@
+"""The exceptions convify raises. Each message is one line that says what went wrong and what to do."""
+
+
+class ConvifyError(Exception):
+    """Base class: anything convify refuses, with a message meant for the user."""
+
+
+class ConversionError(ConvifyError):
+    """The model cannot be made fully convolutional, or the result does not equal the original."""
+
+
+class ModelLoadError(ConvifyError):
+    """A model, architecture name, weights file or converted file cannot be loaded."""
+
+
+class OutputExistsError(ConvifyError):
+    """An output file exists and overwriting was not asked for (use force=True / --force)."""

@@ -1,0 +1,366 @@
+"""Where each cell of a score map lies in the input image: stride, window, receptive field, map sizes.
+
+The geometry of a fully-convolutional network is arithmetic over its windowed layers (convolutions,
+pools, pads). :func:`analyse_geometry` reads those layers off the converted graph once; a
+:class:`Geometry` then answers every question with integers and no tensors.
+
+Two windows describe a cell ``(i, j)`` (row ``i``, column ``j`` of ``map[..., i, j]``):
+
+- the **nominal window** (:meth:`Geometry.cell_box`): the ``window x window`` square, ``window`` being the
+  native input size, at ``(offset + j * stride, offset + i * stride)``. The cell is the classifier's answer
+  for that square: exactly so for a network without padding (it equals the original run on that crop),
+  approximately for padded networks (VGG, ResNet), whose layers near a crop's border would see zeros
+  where the big image has real pixels.
+- the **receptive field** (:meth:`Geometry.rf_box`): every input pixel that can influence the cell. It is
+  larger than the window for padded networks (VGG16: 404 px for a 224 px window) and may reach outside
+  the image, into the padding.
+
+A body with *global context* (squeeze-and-excitation, global attention pools inside the network)
+lets every pixel of the image touch every cell: ``local`` is then False, and cells are the classifier's
+answer for their window *given the whole image as context*.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .errors import ConversionError
+from .tracing import Layout, fetch_attr, op_name, probe_layouts
+
+__all__ = ["Geometry", "analyse_geometry"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The geometry of a converted network's score maps, in input pixels.
+
+    Attributes:
+        stride: distance in pixels between neighbouring cells (32 for VGG16 and ResNets).
+        window: the nominal window of a cell: the native input size (224).
+        offset: where cell (0, 0)'s nominal window starts (0: it is the top-left ``window`` square).
+        receptive_field: the true receptive field of one cell, in pixels.
+        rf_offset: where cell (0, 0)'s receptive field starts (negative when it reaches into padding).
+        local: False when layers inside the body see the whole image (see ``global_context``).
+        global_context: the layers that give every cell a view of the whole image.
+        padded: whether any layer pads its input (then cells only approximate isolated crops).
+        layers: the windowed layers as data, for :meth:`output_size`: each has an ``op`` of ``"input"``,
+            ``"window"`` (kernel/stride/padding/dilation per axis) or ``"same"`` (size unchanged) and the
+            indices of its ``inputs``; the last one is the output.
+    """
+
+    stride: int
+    window: int
+    offset: int
+    receptive_field: int
+    rf_offset: int
+    local: bool = True
+    global_context: tuple[str, ...] = ()
+    padded: bool = False
+    layers: tuple[dict, ...] = field(default=(), repr=False)
+
+    # -- cells -----------------------------------------------------------------------------------
+
+    def cell_box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """The nominal window of cell ``map[..., i, j]`` as ``(x0, y0, x1, y1)`` input pixels (x1, y1 exclusive)."""
+        x0, y0 = self.offset + j * self.stride, self.offset + i * self.stride
+        return (x0, y0, x0 + self.window, y0 + self.window)
+
+    def rf_box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """The receptive field of cell ``(i, j)`` as ``(x0, y0, x1, y1)`` (exclusive end; may leave the image)."""
+        x0, y0 = self.rf_offset + j * self.stride, self.rf_offset + i * self.stride
+        return (x0, y0, x0 + self.receptive_field, y0 + self.receptive_field)
+
+    def cell_center(self, i: int, j: int) -> tuple[float, float]:
+        """The centre ``(x, y)`` of cell ``(i, j)``'s window, in continuous pixel coordinates."""
+        x0, y0, x1, y1 = self.cell_box(i, j)
+        return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+    # -- sizes -----------------------------------------------------------------------------------
+
+    def output_size(self, height: int, width: Optional[int] = None) -> tuple[int, int]:
+        """The map size ``(H', W')`` for an input of ``height x width`` pixels (``(0, 0)`` if too small)."""
+        width = height if width is None else width
+        return (self._axis_size(height, 0), self._axis_size(width, 1))
+
+    def min_input_size(self) -> int:
+        """The smallest square input that gives at least a 1x1 map."""
+        lo, hi = 1, max(self.window, 1)
+        while self._axis_size(hi, 0) < 1:
+            hi *= 2
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._axis_size(mid, 0) >= 1:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _axis_size(self, n: int, axis: int) -> int:
+        sizes: list[int] = []
+        for layer in self.layers:
+            if layer["op"] == "input":
+                sizes.append(n)
+                continue
+            inputs = [sizes[k] for k in layer["inputs"]]
+            if min(inputs) < 1 or len(set(inputs)) > 1:  # too small, or branches that cannot be merged
+                sizes.append(0)
+                continue
+            size = inputs[0]
+            if layer["op"] == "window":
+                size = _window_out(size, *(layer[key][axis] for key in ("kernel", "stride", "pad_before",
+                                                                           "pad_after", "dilation")),
+                                   layer["ceil_mode"])
+            sizes.append(size)
+        return max(sizes[-1], 0) if sizes else n
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for saving); :meth:`from_dict` reverses it."""
+        data = asdict(self)
+        data["global_context"] = list(self.global_context)
+        data["layers"] = [dict(layer) for layer in self.layers]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Geometry":
+        layers = tuple({k: (tuple(v) if isinstance(v, list) else v) for k, v in layer.items()}
+                       for layer in data["layers"])
+        return cls(**{**data, "global_context": tuple(data["global_context"]), "layers": layers})
+
+
+def _window_out(n: int, k: int, s: int, before: int, after: int, d: int, ceil_mode: bool) -> int:
+    """Output length of a window op (PyTorch's rule, ceil_mode included)."""
+    span = n + before + after - d * (k - 1) - 1
+    if span < 0:
+        return 0
+    out = (math.ceil(span / s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + before:  # the last window must start inside the input
+        out -= 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the geometry off a graph
+
+# Operations that, applied to a map, compute each position from that position alone.
+_LOCAL = {
+    "relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "mish", "leaky_relu",
+    "elu", "selu", "celu", "softplus", "hardtanh", "prelu", "exp", "neg", "abs", "clamp", "sqrt", "pow", "log",
+    "add", "sub", "mul", "div", "truediv", "rsub", "maximum", "minimum", "cat", "stack", "getitem", "chunk",
+    "split", "permute", "transpose", "view", "reshape", "contiguous", "clone", "float", "flatten", "unsqueeze",
+    "squeeze", "batch_norm", "batch_norm2d", "linear", "softmax", "log_softmax", "local_response_norm",
+    "placeholder",
+}
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Cell ``k`` of a layer sees input pixels ``[start + k * jump, end + k * jump]`` along one axis."""
+
+    jump: int
+    start: int
+    end: int
+
+
+def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor) -> Geometry:
+    """Read the geometry of a fully-convolutional graph.
+
+    Args:
+        net: the converted graph: ``(N, 3, H, W) -> (N, C, H', W')``, a 1x1 map at ``input_size``.
+        input_size: the native input size (the nominal window).
+        example: an input at the native size, for shapes.
+
+    Raises:
+        ConversionError: a layer changes the map's size in a way convify cannot describe, branches at
+            different strides are merged, or the two axes differ.
+    """
+    layouts = probe_layouts(net, input_size)
+    spans: dict[fx.Node, tuple[_Span, _Span]] = {}
+    index: dict[fx.Node, int] = {}
+    layers: list[dict] = []
+    global_context: list[str] = []
+    padded = False
+    for node in net.graph.nodes:
+        layout = layouts.get(node)
+        if node.op == "placeholder" and not layers:
+            index[node] = 0
+            layers.append({"op": "input", "inputs": []})
+            spans[node] = (_Span(1, 0, 0), _Span(1, 0, 0))
+            continue
+        splits_map = layout is not None and not layout.is_tensor and op_name(net, node) in ("chunk", "split") \
+            and any(n in spans for n in node.all_input_nodes)  # a tuple of maps
+        if (layout is None or not layout.spatial) and not splits_map and node.op != "output":
+            continue
+        mapped = [n for n in node.all_input_nodes if n in spans]
+        if node.op == "output":
+            spans_out = [spans[n] for n in _flat_nodes(node.args[0]) if n in spans]
+            if not spans_out or any(s != spans_out[0] for s in spans_out):
+                raise ConversionError("the converted network's outputs do not share one geometry")
+            final = spans_out[0]
+            index[node] = len(layers)
+            layers.append({"op": "same", "inputs": [index[n] for n in _flat_nodes(node.args[0]) if n in index][:1]})
+            break
+        if not mapped:
+            raise ConversionError(f"'{node.name}' makes a map without reading the image; convify cannot place it")
+        for n in node.all_input_nodes:  # a pooled summary of the whole map, multiplied back in (SE)
+            if n not in spans and layouts.get(n) is not None and layouts[n].is_tensor and _depends(n, spans):
+                global_context.append(_context_name(net, n, spans))
+        name = op_name(net, node)
+        params = _window_params(net, node, layouts)
+        if params is not None:
+            (h, w) = params
+            padded |= any(p[2] or p[3] for p in params)
+            src = spans[mapped[0]]
+            spans[node] = (_apply(src[0], *h), _apply(src[1], *w))
+            layers.append({"op": "window", "inputs": [index[mapped[0]]],
+                           **{key: (h[i], w[i]) for i, key in enumerate(("kernel", "stride", "pad_before",
+                                                                          "pad_after", "dilation"))},
+                           "ceil_mode": bool(h[5])})
+        else:
+            if not splits_map and not _same_size(layouts, node, mapped):
+                raise ConversionError(f"'{node.name}' ({name}) changes the map's size in a way convify cannot "
+                                      "describe (only convolutions, pools and pads may)")
+            if name not in _LOCAL and not (name == "layer_norm" and _norm_is_local(net, node, layout)):
+                global_context.append(node.name)  # normalises over the map (GroupNorm...) or unknown
+            spans[node] = _merge(node, [spans[n] for n in mapped])
+            layers.append({"op": "same", "inputs": [index[n] for n in mapped]})
+        index[node] = len(layers) - 1
+    else:
+        raise ConversionError("the converted network has no output")
+    (hy, hx) = final
+    if hy != hx:
+        raise ConversionError(f"the network's geometry differs between height and width ({hy} vs {hx}); "
+                              "convify supports square geometry only")
+    return Geometry(
+        stride=hy.jump, window=input_size, offset=0, receptive_field=hy.end - hy.start + 1, rf_offset=hy.start,
+        local=not global_context, global_context=tuple(dict.fromkeys(global_context)), padded=padded,
+        layers=tuple(layers),
+    )
+
+
+def _flat_nodes(value: Any) -> list[fx.Node]:
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [n for v in value for n in _flat_nodes(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _flat_nodes(v)]
+    return []
+
+
+def _depends(node: fx.Node, spans: dict) -> bool:
+    """Whether ``node`` is computed from the image (as opposed to constants or shape arithmetic)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in spans:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _context_name(net: fx.GraphModule, node: fx.Node, spans: dict) -> str:
+    """The pool at the start of a global-context branch (the node that reads the map), by module path."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if any(m in spans for m in n.all_input_nodes):
+            return n.target if n.op == "call_module" else n.name
+        stack.extend(n.all_input_nodes)
+    return node.name
+
+
+def _apply(src: _Span, k: int, s: int, before: int, after: int, d: int, ceil_mode: int) -> _Span:
+    return _Span(src.jump * s, src.start - before * src.jump, src.end + (d * (k - 1) - before) * src.jump)
+
+
+def _merge(node: fx.Node, spans: list[tuple[_Span, _Span]]) -> tuple[_Span, _Span]:
+    merged = []
+    for axis in (0, 1):
+        jumps = {s[axis].jump for s in spans}
+        if len(jumps) > 1:
+            raise ConversionError(f"'{node.name}' merges maps at different strides {sorted(jumps)}; "
+                                  "convify cannot place its cells")
+        merged.append(_Span(jumps.pop(), min(s[axis].start for s in spans), max(s[axis].end for s in spans)))
+    return merged[0], merged[1]
+
+
+def _same_size(layouts: dict[fx.Node, Layout], node: fx.Node, inputs: list[fx.Node]) -> bool:
+    """Whether the node's map has the same height and width as its inputs' (in all three probes)."""
+    out = layouts[node]
+    size = (out.shape[out.hdims[0]], out.shape[out.wdims[0]])
+    return all((layouts[n].shape[layouts[n].hdims[0]], layouts[n].shape[layouts[n].wdims[0]]) == size
+               for n in inputs if layouts[n].spatial)  # a tuple of maps (chunk) was checked where it was split
+
+
+def _norm_is_local(net: fx.GraphModule, node: fx.Node, layout: Layout) -> bool:
+    """A LayerNorm is local when it normalises only over dimensions that are not the map's."""
+    if node.op == "call_module":
+        shape = fetch_attr(net, node.target).normalized_shape
+    else:
+        shape = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+    count = len(shape) if isinstance(shape, (tuple, list)) else 1
+    normalised = set(range(len(layout.shape) - count, len(layout.shape)))
+    return not normalised & {layout.hdims[0], layout.wdims[0]}
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else default
+
+
+def _window_params(net: fx.GraphModule, node: fx.Node, layouts: dict[fx.Node, Layout]):
+    """Per-axis ``(kernel, stride, pad_before, pad_after, dilation, ceil_mode)`` of a windowed op, else None."""
+    name = op_name(net, node)
+    module = net.get_submodule(node.target) if node.op == "call_module" else None
+    if name == "conv2d":
+        if module is not None:
+            k, s, d, p = module.kernel_size, module.stride, module.dilation, module.padding
+        else:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            k = tuple(layouts[weight].shape[2:]) if isinstance(weight, fx.Node) and weight in layouts else None
+            if k is None:
+                return None
+            s, p, d = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1)
+        k, s, d = _pair(k), _pair(s), _pair(d)
+        if p == "same":
+            totals = [d[a] * (k[a] - 1) for a in (0, 1)]
+            pads = [(t // 2, t - t // 2) for t in totals]
+        else:
+            p = (0, 0) if p == "valid" else _pair(p)
+            pads = [(p[0], p[0]), (p[1], p[1])]
+        return tuple((k[a], s[a], pads[a][0], pads[a][1], d[a], 0) for a in (0, 1))
+    if name in ("max_pool2d", "avg_pool2d"):
+        if module is not None:
+            k, s, p = module.kernel_size, module.stride, module.padding
+            d = getattr(module, "dilation", 1)
+            ceil = module.ceil_mode
+        else:
+            k = _arg(node, 1, "kernel_size")
+            s = _arg(node, 2, "stride") or k
+            p = _arg(node, 3, "padding", 0)
+            d = _arg(node, 4, "dilation", 1) if name == "max_pool2d" else 1
+            ceil = _arg(node, 5 if name == "max_pool2d" else 4, "ceil_mode", False)
+        k, s, p, d = _pair(k), _pair(s or k), _pair(p), _pair(d)
+        return tuple((k[a], s[a], p[a], p[a], d[a], int(bool(ceil))) for a in (0, 1))
+    if name == "pad":
+        pads = tuple(module.padding if module is not None else _arg(node, 1, "pad"))
+        left, right, top, bottom = pads + (0,) * (4 - len(pads)) if len(pads) <= 4 else (None,) * 4
+        if left is None or layouts[node].wdims[0] != len(layouts[node].shape) - 1:
+            return None  # pads more than the map's two dimensions, or a channels-last map
+        return ((1, 1, top, bottom, 1, 0), (1, 1, left, right, 1, 0))
+    return None

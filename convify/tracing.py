@@ -1,0 +1,295 @@
+"""Tracing a model into a torch.fx graph, and running graphs node by node.
+
+convify works on the model's real ``forward``: ``torch.fx`` records every call, so functional code
+(``F.relu``, ``x.mean([2, 3])``, ``torch.flatten``, ``x.view(x.size(0), -1)``) is seen like any layer.
+Modules from ``torch.nn`` stay single nodes (fx's default); everything else is traced through.
+
+Shape-dependent Python control flow (``if x.shape[-1] < 7: ...``, as in timm's VGG head) cannot be
+traced symbolically. convify's tracer answers such questions by evaluating the graph so far on an
+example input at the native size, so the trace follows the branch the model takes there.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import ConversionError
+
+__all__ = ["trace", "op_name", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of"]
+
+
+class _ConcreteTracer(fx.Tracer):
+    """An fx tracer that resolves data-dependent ``bool(proxy)`` by running on an example input."""
+
+    def __init__(self, example: torch.Tensor) -> None:
+        super().__init__()
+        self._example = example
+        self._evaluating = False
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self._evaluate(obj.node))
+
+    # While evaluating, module calls and attribute reads are real, not recorded.
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _evaluate(self, target: fx.Node) -> Any:
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in self.graph.nodes:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if node is target:
+                break
+        graph.output(env[target])
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                return fx.GraphModule(self.root, graph)(self._example)
+        finally:
+            self._evaluating = False
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """Trace ``model`` (in eval mode) into a GraphModule, with evaluation-time no-ops removed.
+
+    Dropout, ``nn.Identity``, stochastic depth in eval mode and ``torch._assert`` checks are dropped, so
+    every node left computes something.
+
+    Args:
+        model: the classifier, already in eval mode (convify traces a private copy).
+        example: an input at the native size, ``(N, 3, H, W)``, used only to resolve control flow.
+
+    Raises:
+        ConversionError: the model cannot be traced.
+    """
+    tracer = _ConcreteTracer(example)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types; the user needs the message, not the type
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(
+            f"cannot trace {type(model).__name__} with torch.fx ({msg}); models whose forward "
+            "depends on tensor values, not shapes, cannot be converted"
+        ) from None
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _remove_eval_noops(gm)
+    return gm
+
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout, nn.Identity)
+# Functions that are identities in eval mode, with the position of their `training` argument.
+_DROPOUT_FUNCTIONS = {"dropout": 2, "dropout1d": 2, "dropout2d": 2, "dropout3d": 2, "alpha_dropout": 2,
+                      "feature_alpha_dropout": 2, "stochastic_depth": 3}
+
+
+def _remove_eval_noops(gm: fx.GraphModule) -> None:
+    """Drop nodes that do nothing in eval mode, then dead code (shape checks feeding them)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in (torch._assert, getattr(torch, "_check", None)):
+            gm.graph.erase_node(node)
+            continue
+        name = op_name(gm, node)
+        is_noop = node.op == "call_module" and isinstance(gm.get_submodule(node.target), _DROPOUT_MODULES)
+        if node.op == "call_function" and name in _DROPOUT_FUNCTIONS:
+            position = _DROPOUT_FUNCTIONS[name]
+            training = node.kwargs.get("training", node.args[position] if len(node.args) > position else True)
+            if training:
+                raise ConversionError(
+                    f"node '{node.name}' applies {name} even in eval mode; such a model is random, "
+                    "so no conversion can equal it"
+                )
+            is_noop = True
+        if is_noop:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A short name for what a node computes, the same for every spelling of one operation.
+
+    ``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` are all ``"relu"``; ``operator.add``,
+    ``torch.add`` and ``x.add(y)`` are all ``"add"``. Placeholders, outputs and attributes return their op.
+    """
+    if node.op == "call_module":
+        return _MODULE_NAMES.get(type(gm.get_submodule(node.target)), type(gm.get_submodule(node.target)).__name__)
+    if node.op == "call_method":
+        return node.target.rstrip("_") if node.target.endswith("_") and not node.target.startswith("_") \
+            else node.target
+    if node.op == "call_function":
+        name = _FUNCTION_NAMES.get(node.target) or getattr(node.target, "__name__", str(node.target))
+        return name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
+    return node.op
+
+
+_FUNCTION_NAMES: dict[Callable, str] = {
+    operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.mul: "mul",
+    operator.imul: "mul", operator.truediv: "div", operator.getitem: "getitem",
+    operator.floordiv: "floordiv", operator.neg: "neg", torch.true_divide: "div",
+}
+
+_MODULE_NAMES: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Mish: "mish",
+    nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.SELU: "selu", nn.CELU: "celu", nn.Softplus: "softplus",
+    nn.Hardtanh: "hardtanh", nn.PReLU: "prelu", nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax",
+    nn.Flatten: "flatten", nn.Linear: "linear", nn.Conv2d: "conv2d", nn.BatchNorm2d: "batch_norm2d",
+    nn.BatchNorm1d: "batch_norm1d", nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm",
+    nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
+    nn.AdaptiveMaxPool2d: "adaptive_max_pool2d", nn.ZeroPad2d: "pad", nn.ConstantPad2d: "pad",
+    nn.ReflectionPad2d: "pad", nn.ReplicationPad2d: "pad", nn.LocalResponseNorm: "local_response_norm",
+}
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for ``target == "a.b.c"``."""
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def run_graph(
+    gm: fx.GraphModule,
+    x: torch.Tensor,
+    keep: Optional[Callable[[fx.Node, Any], Any]] = None,
+) -> dict[fx.Node, Any]:
+    """Run ``gm`` on ``x`` node by node, skipping nodes that fail and everything they feed.
+
+    Args:
+        gm: a graph with one tensor input.
+        x: the input, ``(N, C, H, W)``.
+        keep: maps ``(node, value)`` to what is recorded for the node (default: the value itself).
+            Values are freed once their last user has run, so recording shapes keeps memory low.
+
+    Returns:
+        ``{node: keep(node, value)}`` for every node that ran; nodes that failed are absent.
+    """
+    interpreter = fx.Interpreter(gm)
+    remaining_users = {node: len(node.users) for node in gm.graph.nodes}
+    values: dict[fx.Node, Any] = {}
+    recorded: dict[fx.Node, Any] = {}
+    first_input = True
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                continue
+            if node.op == "placeholder":
+                if not first_input:
+                    continue
+                value, first_input = x, False
+            else:
+                inputs = node.all_input_nodes
+                if any(n not in values for n in inputs):
+                    continue
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+                try:
+                    value = getattr(interpreter, node.op)(node.target, args, kwargs)
+                except Exception:
+                    continue
+            values[node] = value
+            recorded[node] = keep(node, value) if keep else value
+            for n in _unique(node.all_input_nodes):
+                remaining_users[n] -= 1
+                if remaining_users[n] <= 0:
+                    values.pop(n, None)
+    return recorded
+
+
+def _unique(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    return list(dict.fromkeys(nodes))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a node's output relates to the input size.
+
+    ``shape`` is the output shape at the native size (``None`` for non-tensors); ``hdims``/``wdims`` are the
+    dimensions whose size changed when the input height/width grew; ``known`` is False when a probe
+    failed at or before this node (typically the Linear after a flatten).
+    """
+
+    shape: Optional[tuple[int, ...]]
+    hdims: tuple[int, ...] = ()
+    wdims: tuple[int, ...] = ()
+    known: bool = True
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.shape is not None
+
+    @property
+    def spatial(self) -> bool:
+        return (self.known and len(self.hdims) == 1 and len(self.wdims) == 1 and self.hdims != self.wdims
+                and 0 not in self.hdims + self.wdims)
+
+    @property
+    def flattened(self) -> bool:
+        return self.known and bool(set(self.hdims) & set(self.wdims))
+
+    @property
+    def channel_dim(self) -> int:
+        """The one dimension of a 4-D spatial tensor that is neither batch, height nor width."""
+        (c,) = {1, 2, 3} - {self.hdims[0], self.wdims[0]}
+        return c
+
+
+def shape_of(node: fx.Node, value: Any) -> Optional[tuple[int, ...]]:
+    """The shape of a tensor value, ``None`` for anything else (a ``keep`` function for run_graph)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _changed(a: Optional[tuple[int, ...]], b: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+    if a is None or b is None or len(a) != len(b):
+        return ()
+    return tuple(d for d, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def example_input(model: nn.Module, height: int, width: int, batch: int = 1) -> torch.Tensor:
+    """A deterministic random image batch ``(batch, 3, height, width)`` on the model's device and dtype."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, height, width, generator=generator).to(device=device, dtype=dtype)
+
+
+
+PROBE_GROWTH = 64  # pixels added to the height (then the width) in the probes that find the map's dimensions
+
+
+def probe_layouts(gm: fx.GraphModule, size: int, native: Optional[dict[fx.Node, Any]] = None) -> dict[fx.Node, Layout]:
+    """Run ``gm`` at ``size x size``, with the height grown and with the width grown; compare shapes.
+
+    Args:
+        gm: a graph taking one image batch.
+        size: the native input size.
+        native: shapes already recorded at the native size (``run_graph(..., keep=shape_of)``), if any.
+
+    Returns:
+        A :class:`Layout` for every node that runs at the native size.
+    """
+    grow = PROBE_GROWTH
+    if native is None:
+        native = run_graph(gm, example_input(gm, size, size), keep=shape_of)
+    taller = run_graph(gm, example_input(gm, size + grow, size), keep=shape_of)
+    wider = run_graph(gm, example_input(gm, size, size + grow), keep=shape_of)
+    return {
+        node: Layout(shape, _changed(shape, taller.get(node)), _changed(shape, wider.get(node)),
+                     node in taller and node in wider)
+        for node, shape in native.items()
+    }
