@@ -38,6 +38,7 @@ from torch import nn
 from .errors import ConversionError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
+from .serialize import unsupported_node
 from .tracing import Layout, example_input, fetch_attr, op_name, probe_layouts, run_graph, shape_of, trace
 
 __all__ = ["convert"]
@@ -121,7 +122,7 @@ def convert(
     geometry = analyse_geometry(net, input_size, converter.example)
     fcn = FullyConvNet(net, geometry, meta, rewrites)
     if check:
-        fcn.max_abs_diff = _check_equal(original, converter.traced, net, converter.example)
+        fcn.check = _check_equal(original, converter.traced, net, converter.example)
     return fcn
 
 
@@ -151,6 +152,7 @@ class _Converter:
         self.size = input_size
         self.example = example_input(original, input_size, input_size)
         self.traced = trace(original, self.example)
+        _refuse_unknown_operations(self.traced)
         self.rewrites: list[Rewrite] = []
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
@@ -221,6 +223,13 @@ class _Converter:
         layouts = self.layouts = self._probe()
         if not any(layout.spatial for layout in layouts.values()):
             raise ConversionError("the model has no spatial feature map (no layer output follows the input size)")
+        for node, layout in layouts.items():
+            if layout.known and 0 in layout.hdims + layout.wdims:
+                raise ConversionError(
+                    f"'{_node_label(node)}' ({_describe_node(gm, node)}) folds the feature map into the batch "
+                    "dimension (window partitioning, as in Swin); attention and token-mixing models cannot be "
+                    "made fully convolutional"
+                )
         depends = _depends_on_input(gm)
         reaches_map = _reaches_spatial(gm, layouts)
         for node in gm.graph.nodes:
@@ -637,6 +646,20 @@ _HEAD_RULES.update({
 # Graph helpers
 
 
+def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
+    """Every operation must be one convify can describe, save and load (see :mod:`convify.serialize`)."""
+    found = unsupported_node(gm)
+    if found is None:
+        return
+    node, what = found
+    where = f"'{_node_label(node)}' ({what})"
+    if "attention" in what.lower():
+        raise ConversionError(f"{where} is attention, which mixes positions in ways no convolution expresses; "
+                              "attention and token-mixing models (ViT, Swin) cannot be made fully convolutional")
+    raise ConversionError(f"{where} is an operation convify does not support; models built from torch.nn "
+                          "layers and standard tensor functions convert")
+
+
 def _eliminate_dead_code(graph: fx.Graph) -> None:
     """Remove nodes whose values nobody uses (the head's old shape arithmetic), sparing in-place ops."""
     for node in reversed(list(graph.nodes)):
@@ -694,8 +717,8 @@ def _unused_name(module: nn.Module, base: str) -> str:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    param = next(iter(module.parameters()), None) or next(iter(module.buffers()), None)
-    return param.device if param is not None else torch.device("cpu")
+    tensor = next(iter(module.state_dict().values()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _node_label(node: fx.Node) -> str:
@@ -743,18 +766,45 @@ def _flatten_outputs(value: Any) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _check_equal(original: nn.Module, traced: fx.GraphModule, net: fx.GraphModule, example: torch.Tensor) -> float:
+def _check_equal(original: nn.Module, traced: fx.GraphModule, net: fx.GraphModule, example: torch.Tensor) -> dict:
     """Run original and converted at the native size; raise ConversionError unless every output matches.
 
+    Outputs are compared with ``torch.testing.assert_close`` defaults. A rewrite changes the order in which
+    floating-point sums are taken (a 1x1 convolution is not the same kernel as a matrix product), so in a
+    badly scaled network (random weights, activations in the hundreds) float32 results can differ by more
+    than the defaults allow while the maths is exact. Only then the check is repeated in float64, where
+    such rounding vanishes; a real error does not.
+
     Returns:
-        The largest absolute difference over all outputs.
+        ``{"dtype": dtype compared in, "max_abs_diff": largest float32 difference, "max_abs_diff_float64":
+        largest float64 difference or None}``.
     """
     x = torch.cat([example, torch.flip(example, dims=(3,))])  # batch of 2: catches batch mixing
-    expected = _flatten_outputs(original(x))
-    actual = _flatten_outputs(net(x))
+    worst, ok = _compare(original(x), net(x))
+    report = {"dtype": str(x.dtype).removeprefix("torch."), "max_abs_diff": worst, "max_abs_diff_float64": None}
+    if ok:
+        return report
+    if x.dtype != torch.float64:
+        original, traced, net, x = (copy.deepcopy(original).double(), copy.deepcopy(traced).double(),
+                                    copy.deepcopy(net).double(), x.double())
+        worst64, ok = _compare(original(x), net(x))
+        report.update(dtype="float64", max_abs_diff_float64=worst64)
+        if ok:
+            _log.info("float32 outputs differ by %.3g (rounding); float64 outputs by %.3g", worst, worst64)
+            return report
+    layer = _first_difference(traced, net, x)
+    diff64 = report["max_abs_diff_float64"]
+    in_float64 = "" if diff64 is None else f", {diff64:.3g} in float64"
+    raise ConversionError(f"the converted network differs from the original at the native size (max abs diff "
+                          f"{worst:.3g}{in_float64}); first layer that differs: {layer}")
+
+
+def _compare(expected_out: Any, actual_out: Any) -> tuple[float, bool]:
+    """Largest absolute difference between outputs (maps squeezed to vectors), and whether all are close."""
+    expected, actual = _flatten_outputs(expected_out), _flatten_outputs(actual_out)
     if len(expected) != len(actual) or not expected:
         raise ConversionError(f"the converted network gives {len(actual)} outputs, the original {len(expected)}")
-    worst = 0.0
+    worst, ok = 0.0, True
     for e, a in zip(expected, actual):
         if a.dim() != 4 or a.shape[2:] != (1, 1) or a.shape[:2] != e.reshape(e.shape[0], -1).shape:
             raise ConversionError(
@@ -762,16 +812,13 @@ def _check_equal(original: nn.Module, traced: fx.GraphModule, net: fx.GraphModul
                 f"matching the original's {tuple(e.shape)}"
             )
         a = a.reshape(e.shape)
-        worst = max(worst, (a.double() - e.double()).abs().max().item() if a.numel() else 0.0)
+        if a.numel():
+            worst = max(worst, (a.double() - e.double()).abs().max().item())
         try:
             torch.testing.assert_close(a, e)
         except AssertionError:
-            layer = _first_difference(traced, net, x)
-            raise ConversionError(
-                f"the converted network differs from the original at the native size (max abs diff "
-                f"{worst:.3g}); first layer that differs: {layer}"
-            ) from None
-    return worst
+            ok = False
+    return worst, ok
 
 
 def _first_difference(traced: fx.GraphModule, net: fx.GraphModule, x: torch.Tensor) -> str:

@@ -63,17 +63,18 @@ class FullyConvNet(nn.Module):
         geometry: where every cell lies (:class:`~convify.geometry.Geometry`).
         meta: architecture, native input size, preprocessing and class names (:class:`ModelMeta`).
         rewrites: what convert changed, layer by layer.
-        max_abs_diff: the largest difference from the original measured at conversion (None if unchecked).
+        check: how the conversion was checked against the original at the native size (None if it was not):
+            ``{"dtype": ..., "max_abs_diff": float32 difference, "max_abs_diff_float64": ... or None}``.
     """
 
     def __init__(self, net: fx.GraphModule, geometry: Geometry, meta: ModelMeta,
-                 rewrites: Optional[list[Rewrite]] = None, max_abs_diff: Optional[float] = None) -> None:
+                 rewrites: Optional[list[Rewrite]] = None, check: Optional[dict] = None) -> None:
         super().__init__()
         self.net = net
         self.geometry = geometry
         self.meta = meta
         self.rewrites = list(rewrites or [])
-        self.max_abs_diff = max_abs_diff
+        self.check = check
         self.eval()
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -105,7 +106,7 @@ class FullyConvNet(nn.Module):
         header = {
             "format": FORMAT, "version": VERSION, "graph": json.loads(description),
             "geometry": self.geometry.to_dict(), "meta": asdict(self.meta),
-            "rewrites": [list(r) for r in self.rewrites], "max_abs_diff": self.max_abs_diff,
+            "rewrites": [list(r) for r in self.rewrites], "check": self.check,
         }
         payload = {"convify": json.dumps(header), "tensors": tensors}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,4 +158,4 @@ def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] =
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path} is a corrupt convify file ({e})") from None
     net = graph_from_data(graph, payload["tensors"])
-    return FullyConvNet(net, geometry, meta, rewrites, header.get("max_abs_diff"))
+    return FullyConvNet(net, geometry, meta, rewrites, header.get("check"))

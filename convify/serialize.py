@@ -11,7 +11,7 @@ import builtins
 import inspect
 import json
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -21,7 +21,7 @@ from torch import nn
 from .errors import ConvifyError, ModelLoadError
 from .tracing import fetch_attr
 
-__all__ = ["graph_to_data", "graph_from_data"]
+__all__ = ["graph_to_data", "graph_from_data", "unsupported_node"]
 
 _MODULES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
     nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
@@ -129,6 +129,20 @@ def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
             raise ModelLoadError(f"converted file is corrupt: unknown {kind} {payload!r}")
         return result
     raise ModelLoadError(f"converted file is corrupt: unknown argument kind {kind!r}")
+
+
+def unsupported_node(net: fx.GraphModule) -> Optional[tuple[fx.Node, str]]:
+    """The first node whose operation is outside the allowlist, with a description of it; else None."""
+    for node in net.graph.nodes:
+        if node.op == "call_function" and _FUNCTIONS.get(_key(node.target)) is not node.target:
+            return node, _key(node.target)
+        if node.op == "call_method" and node.target not in _METHODS:
+            return node, f"Tensor.{node.target}"
+        if node.op == "call_module":
+            cls = type(net.get_submodule(node.target))
+            if _MODULES.get(cls.__name__) is not cls:
+                return node, f"{cls.__module__}.{cls.__name__}"
+    return None
 
 
 def graph_to_data(net: fx.GraphModule) -> tuple[str, dict[str, torch.Tensor]]:
