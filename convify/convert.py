@@ -38,6 +38,7 @@ from torch import nn
 from .errors import ConversionError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
+from .layers import PointwiseConv2d
 from .serialize import unsupported_node
 from .tracing import Layout, example_input, fetch_attr, op_name, probe_layouts, run_graph, shape_of, trace
 
@@ -509,7 +510,7 @@ def _rule_linear(self: _Converter, node: fx.Node, value: _HeadValue, inputs: lis
         return False
     weight, bias, target_base = self._linear_params(node)
     replaced = self._replaced if node.op != "call_module" else ()
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=bias is not None).to(weight.device, weight.dtype)
+    conv = PointwiseConv2d(weight.shape[1], weight.shape[0], bias=bias is not None).to(weight.device, weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight.detach().reshape(conv.weight.shape))
         if bias is not None:

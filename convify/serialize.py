@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConvifyError, ModelLoadError
+from .layers import PointwiseConv2d
 from .tracing import fetch_attr
 
 __all__ = ["graph_to_data", "graph_from_data", "unsupported_node"]
@@ -29,6 +30,7 @@ _MODULES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
     nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Flatten, nn.Identity,
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Softmax, nn.LogSoftmax,
+    PointwiseConv2d,
 )}
 
 _FUNCTIONS_LIST: tuple[Callable, ...] = (

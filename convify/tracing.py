@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
+from .layers import PointwiseConv2d
 
 __all__ = ["trace", "op_name", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of"]
 
@@ -32,6 +33,11 @@ class _ConcreteTracer(fx.Tracer):
         self._evaluating = False
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        if _reads_values(obj.node):
+            raise ConversionError(
+                f"the model's forward branches on tensor values (at '{obj.node.name}'), so no single graph "
+                "equals it; only branches on shapes can be converted"
+            )
         return bool(self._evaluate(obj.node))
 
     # While evaluating, module calls and attribute reads are real, not recorded.
@@ -61,6 +67,23 @@ class _ConcreteTracer(fx.Tracer):
             self._evaluating = False
 
 
+def _reads_values(node: fx.Node) -> bool:
+    """Whether ``node`` depends on the input's values, not just its shape (``x.shape``, ``x.size()``)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        shape_query = (n.op == "call_method" and n.target in ("size", "dim")) or (
+            n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim"))
+        if not shape_query:
+            stack.extend(n.all_input_nodes)
+    return False
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """Trace ``model`` (in eval mode) into a GraphModule, with evaluation-time no-ops removed.
 
@@ -77,11 +100,13 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     tracer = _ConcreteTracer(example)
     try:
         graph = tracer.trace(model)
+    except ConversionError:
+        raise
     except Exception as e:  # fx raises many types; the user needs the message, not the type
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConversionError(
-            f"cannot trace {type(model).__name__} with torch.fx ({msg}); models whose forward "
-            "depends on tensor values, not shapes, cannot be converted"
+            f"cannot trace {type(model).__name__} with torch.fx ({msg}); see the README's \"Limits\" for "
+            "models whose forward torch.fx cannot follow"
         ) from None
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     _remove_eval_noops(gm)
@@ -152,6 +177,7 @@ _MODULE_NAMES: dict[type, str] = {
     nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
     nn.AdaptiveMaxPool2d: "adaptive_max_pool2d", nn.ZeroPad2d: "pad", nn.ConstantPad2d: "pad",
     nn.ReflectionPad2d: "pad", nn.ReplicationPad2d: "pad", nn.LocalResponseNorm: "local_response_norm",
+    PointwiseConv2d: "conv2d",
 }
 
 

@@ -1,0 +1,317 @@
+"""convify.convert: exact equivalence at the native size, map sizes, rewrites, refusals."""
+import copy
+import importlib
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import convify
+from convify import ConversionError
+
+TORCHVISION_ZOO = [
+    "alexnet", "vgg11_bn", "vgg16", "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
+    "squeezenet1_0", "squeezenet1_1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5",
+    "shufflenet_v2_x0_5", "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf",
+    "googlenet", "inception_v3", "convnext_tiny",
+]
+TIMM_ZOO = ["resnet18", "efficientnet_lite0", "mobilenetv3_large_100", "convnext_atto", "vgg11"]
+NUM_CLASSES = 7
+convert_module = importlib.import_module("convify.convert")
+
+
+def build(source: str, name: str) -> tuple[nn.Module, int]:
+    """A randomly initialised classifier with NUM_CLASSES outputs, and its native input size."""
+    if source == "timm":
+        return timm.create_model(name, num_classes=NUM_CLASSES).eval(), 224
+    kwargs = {"num_classes": NUM_CLASSES}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=False)
+    return torchvision.models.get_model(name, **kwargs).eval(), 299 if name == "inception_v3" else 224
+
+
+def assert_equivalent(model: nn.Module, fcn: convify.FullyConvNet, x: torch.Tensor) -> None:
+    """The 1x1 map equals the model's output (float32 defaults; float64 where convert found float32 rounding)."""
+    with torch.no_grad():
+        expected, actual = model(x), fcn(x)
+    assert actual.shape == (*expected.shape, 1, 1)
+    if fcn.check["dtype"] == "float64":  # a badly scaled random network: compare the maths in float64
+        with torch.no_grad():
+            expected = copy.deepcopy(model).double()(x.double())
+            actual = copy.deepcopy(fcn).double()(x.double())
+    torch.testing.assert_close(actual[..., 0, 0], expected)
+
+
+@pytest.mark.parametrize("source,name", [("torchvision", n) for n in TORCHVISION_ZOO] + [("timm", n) for n in TIMM_ZOO])
+def test_zoo_equals_original_at_native_size_and_maps_follow_geometry(source, name):
+    model, size = build(source, name)
+    fcn = convify.convert(model, input_size=size)
+    assert not fcn.training
+    assert_equivalent(model, fcn, torch.randn(1, 3, size, size))
+    # a larger, non-square input: the map has the size the geometry predicts
+    height, width = size + 40, size + 96
+    with torch.no_grad():
+        maps = fcn(torch.randn(1, 3, height, width))
+    assert tuple(maps.shape[2:]) == fcn.geometry.output_size(height, width)
+    assert maps.shape[:2] == (1, NUM_CLASSES)
+
+
+def test_vgg16_at_384_gives_6x6_at_stride_32():
+    fcn = convify.convert(torchvision.models.vgg16(), input_size=224)
+    with torch.no_grad():
+        maps = fcn(torch.randn(1, 3, 384, 384))
+    assert maps.shape == (1, 1000, 6, 6)
+    g = fcn.geometry
+    assert (g.stride, g.window, g.offset) == (32, 224, 0)
+    assert g.receptive_field == 212 + 6 * 32  # conv body's 212 px, then the 7x7 conv at stride 32
+    assert g.cell_box(5, 2) == (64, 160, 288, 384)
+    rewrites = [str(r) for r in fcn.rewrites]
+    assert "classifier.0  Linear(25088 -> 4096)  ->  Conv2d(512 -> 4096, 7x7)" in rewrites
+    assert "classifier.3  Linear(4096 -> 4096)  ->  Conv2d(4096 -> 4096, 1x1)" in rewrites
+    assert "avgpool  AdaptiveAvgPool2d((7, 7))  ->  removed (identity at 224 px)" in rewrites
+
+
+def test_resnet50_at_288_gives_3x3_with_a_stride_1_pool():
+    fcn = convify.convert(torchvision.models.resnet50(num_classes=NUM_CLASSES), input_size=224)
+    with torch.no_grad():
+        assert fcn(torch.randn(2, 3, 288, 288)).shape == (2, NUM_CLASSES, 3, 3)
+    assert "avgpool  AdaptiveAvgPool2d((1, 1))  ->  AvgPool2d(7x7, stride 1)" in [str(r) for r in fcn.rewrites]
+    assert isinstance(fcn.net.get_submodule("avgpool"), nn.AvgPool2d)
+
+
+# --------------------------------------------------------------------------------------------------
+# A padding-free network: every cell equals the original classifier on the crop at cell_box
+
+
+class ValidNet(nn.Module):
+    """No padding anywhere; a channels-last flatten (permute then reshape) feeding a Linear head."""
+
+    def __init__(self, channels_last: bool = True):
+        super().__init__()
+        self.channels_last = channels_last
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2),          # 36 -> 34 -> 17
+            nn.Conv2d(8, 12, 3, stride=2), nn.ReLU(),                # 17 -> 8
+            nn.AvgPool2d(2),                                         # 8 -> 4
+        )
+        self.fc1 = nn.Linear(12 * 4 * 4, 24)
+        self.fc2 = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.channels_last:
+            x = x.permute(0, 2, 3, 1)
+        x = x.reshape(x.size(0), -1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class ValidPoolNet(nn.Module):
+    """No padding; a global average pool then Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU())
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean([2, 3]))
+
+
+@pytest.mark.parametrize("model,size", [(ValidNet(), 36), (ValidNet(channels_last=False), 36), (ValidPoolNet(), 33)])
+def test_padding_free_cells_equal_the_original_on_their_crops(model, size):
+    model.eval()
+    fcn = convify.convert(model, input_size=size)
+    g = fcn.geometry
+    assert not g.padded and g.local
+    assert g.receptive_field == g.window  # nothing outside the window can reach a cell
+    x = torch.randn(1, 3, size + 3 * g.stride + 5, size + 4 * g.stride + 2)
+    with torch.no_grad():
+        maps = fcn(x)
+        assert tuple(maps.shape[2:]) == g.output_size(x.shape[2], x.shape[3])
+        assert maps.shape[2] >= 4 and maps.shape[3] >= 5
+        for i in range(maps.shape[2]):
+            for j in range(maps.shape[3]):
+                x0, y0, x1, y1 = g.cell_box(i, j)
+                assert g.rf_box(i, j) == (x0, y0, x1, y1)
+                torch.testing.assert_close(maps[0, :, i, j], model(x[:, :, y0:y1, x0:x1])[0])
+
+
+def test_geometry_of_a_padding_free_net_is_closed_form():
+    g = convify.convert(ValidNet().eval(), input_size=36).geometry
+    # conv3 (1) -> pool2 (2) -> conv3/2 (4) -> pool2 (8) -> 4x4 head conv at stride 8
+    assert g.stride == 8
+    assert g.min_input_size() == 36
+    assert g.output_size(35) == (0, 0)
+    assert g.output_size(36 + 8) == (2, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom heads
+
+
+class BatchNormHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 6), nn.LogSoftmax(dim=-1),
+        )
+        with torch.no_grad():  # non-trivial running statistics
+            self.classifier[2].running_mean.uniform_(-1, 1)
+            self.classifier[2].running_var.uniform_(0.5, 2)
+            self.classifier[2].weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+class TwoOutputHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.cls = nn.Linear(16, 5)
+        self.box = nn.Linear(16, 4)
+
+    def forward(self, x):
+        v = torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return self.cls(v).softmax(dim=1), torch.sigmoid(self.box(v))
+
+
+def test_batchnorm1d_layernorm_and_logsoftmax_heads_run_per_position():
+    model = BatchNormHead().eval()
+    fcn = convify.convert(model, input_size=32)
+    assert_equivalent(model, fcn, torch.randn(3, 3, 32, 32))
+    assert isinstance(fcn.net.get_submodule("classifier.2"), nn.BatchNorm2d)
+    assert fcn.net.get_submodule("classifier.9").dim == 1
+    # every cell is the head applied to that position's pooled features
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        maps = fcn(x)
+        pooled = F.avg_pool2d(model.features(x), 8, stride=1)  # (1, 16, H', W')
+        for i in range(maps.shape[2]):
+            for j in range(maps.shape[3]):
+                expected = model.classifier(pooled[:, :, i:i + 1, j:j + 1])
+                torch.testing.assert_close(maps[:, :, i, j], expected)
+
+
+def test_two_output_head_keeps_both_maps():
+    model = TwoOutputHead().eval()
+    fcn = convify.convert(model, input_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, actual = model(x), fcn(x)
+    assert isinstance(actual, tuple) and len(actual) == 2
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a[..., 0, 0], e)
+    with torch.no_grad():
+        cls_map, box_map = fcn(torch.randn(1, 3, 64, 96))
+    assert fcn.geometry.stride == 2 and fcn.geometry.output_size(64, 96) == (17, 33)
+    assert cls_map.shape == (1, 5, 17, 33) and box_map.shape == (1, 4, 17, 33)
+    torch.testing.assert_close(cls_map.sum(1), torch.ones(1, 17, 33))  # softmax over classes, per cell
+
+
+# --------------------------------------------------------------------------------------------------
+# Global context, refusals, the caller's model
+
+
+def test_squeeze_excitation_converts_but_is_recorded_as_not_local():
+    fcn = convify.convert(torchvision.models.mobilenet_v3_small(num_classes=NUM_CLASSES))
+    assert not fcn.geometry.local
+    assert "features.1.block.1.avgpool" in fcn.geometry.global_context
+    assert convify.convert(torchvision.models.resnet18(num_classes=NUM_CLASSES)).geometry.local
+
+
+def test_vit_is_refused_with_a_reason():
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=3)
+    with pytest.raises(ConversionError, match="attention"):
+        convify.convert(vit, input_size=32)
+
+
+def test_swin_is_refused():
+    swin = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 1],
+                                              window_size=[4, 4], num_classes=3)
+    with pytest.raises(ConversionError, match="does not support|attention|token"):
+        convify.convert(swin, input_size=64)
+
+
+class TokenMixingHead(nn.Module):
+    """A head that mixes positions: a Linear over the flattened spatial positions of each channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.mix = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.mix(self.conv(x).flatten(2)).flatten(1)
+
+
+def test_a_head_that_mixes_positions_is_refused():
+    with pytest.raises(ConversionError, match="token"):
+        convify.convert(TokenMixingHead().eval(), input_size=32)
+
+
+class ValueBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.mean() > 0:  # depends on pixel values: no single graph equals this
+            x = -x
+        return self.fc(self.conv(x).mean([2, 3]))
+
+
+def test_branches_on_values_are_refused():
+    with pytest.raises(ConversionError, match="branches on tensor values"):
+        convify.convert(ValueBranch().eval(), input_size=16)
+
+
+def test_input_size_too_small_is_refused():
+    with pytest.raises(ConversionError, match="input_size"):
+        convify.convert(ValidNet().eval(), input_size=8)
+
+
+def test_non_module_is_refused():
+    with pytest.raises(ConversionError, match="nn.Module"):
+        convify.convert("resnet18")
+
+
+def test_the_callers_model_is_not_changed():
+    model = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = repr(model)
+    fcn = convify.convert(model)
+    assert model.training  # flag untouched
+    assert repr(model) == structure
+    assert isinstance(model.fc, nn.Linear) and isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.requires_grad for p in model.parameters())
+    # and the converted network does not share the caller's parameters
+    ids = {id(p) for p in model.parameters()}
+    assert not any(id(p) in ids for p in fcn.parameters())
+
+
+def test_a_wrong_rewrite_is_caught_and_the_first_differing_layer_named(monkeypatch):
+    rule = convert_module._HEAD_RULES["linear"]
+
+    def wrong_linear(self, node, value, inputs, out_shape):
+        assert rule(self, node, value, inputs, out_shape)
+        with torch.no_grad():
+            for module in self.new_modules.values():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.mul_(1.01)
+        return True
+
+    monkeypatch.setitem(convert_module._HEAD_RULES, "linear", wrong_linear)
+    with pytest.raises(ConversionError, match=r"first layer that differs: 'classifier\.1'"):
+        convify.convert(BatchNormHead().eval(), input_size=32)
