@@ -140,8 +140,8 @@ def _check_line(fcn) -> str:
     check = fcn.check
     if not check:
         return "Check: not checked against the original"
-    line = (f"Check: equals the original at {fcn.meta.input_size} px (max |difference| "
-            f"{check['max_abs_diff']:.2g} in float32")
-    if check.get("max_abs_diff_float64") is not None:
-        line += f"; float32 rounding, {check['max_abs_diff_float64']:.2g} in float64"
-    return line + ")"
+    head = f"Check: equals the original at {fcn.meta.input_size} px: max |difference|"
+    if check.get("max_abs_diff_float64") is None:
+        return f"{head} {check['max_abs_diff']:.2g} (float32)"
+    return (f"{head} {check['max_abs_diff_float64']:.2g} in float64 ({check['max_abs_diff']:.2g} in float32: "
+            "rounding from a different summation order)")
