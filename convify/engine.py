@@ -1,0 +1,424 @@
+"""Running a converted network on images: loading, resizing, preprocessing, one forward pass, results.
+
+``heatmap(image)`` gives every class's score at every cell from ONE forward pass: asking for a second
+class costs nothing (unlike Grad-CAM, which needs a backward pass per class). Cells are placed in the
+original image's pixels whatever the resize, so boxes, peaks and overlays line up with the photo.
+
+Size policy (``size=``):
+
+- ``"auto"`` (default): resize so the shorter side is twice the window (448 px for a 224 px classifier).
+  A cell then covers about half the shorter side, and the map has ``window / stride + 1`` cells along it
+  (8 for stride-32 networks): objects at the scale the classifier was trained on, and a map with room to
+  say where they are;
+- an int: the shorter side in pixels;
+- ``None``: the image's own pixels (it must be at least ``geometry.min_input_size()``).
+"""
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import ConvifyError, OutputExistsError
+from .fcn import FullyConvNet, load
+
+__all__ = ["heatmap", "HeatmapResult", "Prediction", "load_image", "resolve_class"]
+
+ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
+ModelLike = Union[FullyConvNet, str, os.PathLike, None]
+
+
+class ImageError(ConvifyError):
+    """An image cannot be read or used."""
+
+
+class Prediction(NamedTuple):
+    """One class's best cell: ``score`` is its probability there, ``box`` its window in original pixels."""
+
+    index: int
+    name: str
+    score: float
+    logit: float
+    cell: tuple[int, int]
+    box: tuple[float, float, float, float]
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+
+def load_image(source: ImageLike) -> Image.Image:
+    """Any image as an 8-bit RGB PIL image, upright.
+
+    Args:
+        source: a path, a PIL image, or a tensor ``(3, H, W)`` / ``(H, W, 3)`` / ``(H, W)`` with values in
+            ``[0, 1]`` (float) or ``[0, 255]`` (uint8).
+
+    EXIF orientation is applied; transparency is composited on white; 16-bit and float images are scaled
+    to 8 bits; palettes, greyscale and CMYK become RGB.
+
+    Raises:
+        ImageError: the file is missing or not an image Pillow can read.
+    """
+    if isinstance(source, torch.Tensor):
+        return _tensor_to_image(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"no such image: {path}")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, Image.DecompressionBombError, ValueError) as e:
+            raise ImageError(f"cannot read {path} as an image ({e})") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not stop us; the pixels are fine
+        pass
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F":
+            top = 1.0 if array.max() <= 1.0 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    t = tensor.detach().cpu()
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() == 2:
+        t = t[None]
+    if t.dim() != 3:
+        raise ImageError(f"an image tensor must be (3, H, W), (H, W, 3) or (H, W); got {tuple(tensor.shape)}")
+    if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):
+        t = t.permute(2, 0, 1)
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    if t.shape[0] != 3:
+        raise ImageError(f"an image tensor must have 1 or 3 channels; got shape {tuple(tensor.shape)}")
+    if t.dtype == torch.uint8:
+        array = t.permute(1, 2, 0).numpy()
+    else:
+        array = (t.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array), "RGB")
+
+
+def _target_size(width: int, height: int, size: Union[int, str, None], window: int) -> tuple[int, int]:
+    """The ``(width, height)`` the image is resized to under the size policy."""
+    if size is None or size == "none":
+        return width, height
+    if size == "auto":
+        shorter = 2 * window
+    elif isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        shorter = size
+    else:
+        raise ConvifyError(f"size must be 'auto', a positive number of pixels or None; got {size!r}")
+    scale = shorter / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+# --------------------------------------------------------------------------------------------------
+# The result
+
+
+@dataclass
+class HeatmapResult:
+    """Class score maps for one image, placed in the original image's pixels.
+
+    Attributes:
+        image: the original image (RGB, EXIF orientation applied).
+        logits: ``(C, H', W')`` raw class scores, exactly as the network gave them.
+        classes: the C class names (``"class 7"`` where the model has none).
+        boxes: ``(H', W', 4)`` the window of each cell as ``(x0, y0, x1, y1)`` in original image pixels
+            (a window may reach past the image's edge: the network saw padding there).
+        centers: ``(H', W', 2)`` the centre ``(x, y)`` of each cell's window, in original pixels.
+        input_size: ``(width, height)`` the network ran on, after resizing.
+        geometry: the network's :class:`~convify.geometry.Geometry` (in network-input pixels).
+        arch: the model's architecture, when known.
+    """
+
+    image: Image.Image
+    logits: torch.Tensor
+    classes: list[str]
+    boxes: torch.Tensor
+    centers: torch.Tensor
+    input_size: tuple[int, int]
+    geometry: Any
+    arch: Optional[str] = None
+    source: Optional[str] = None
+    _probs: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``(C, H', W')`` softmax over classes at each cell."""
+        if self._probs is None:
+            self._probs = torch.softmax(self.logits.double(), dim=0).float()
+        return self._probs
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original pixels per network-input pixel, ``(sx, sy)``."""
+        return self.image.width / self.input_size[0], self.image.height / self.input_size[1]
+
+    def class_index(self, query: Union[str, int]) -> int:
+        """The index of a class given by name (case-insensitive, unique prefix) or index; see resolve_class."""
+        return resolve_class(self.classes, query)
+
+    def prediction(self, query: Union[str, int]) -> Prediction:
+        """One class's peak: the cell where its probability is highest."""
+        index = self.class_index(query)
+        probs = self.probs[index]
+        flat = int(torch.argmax(probs))
+        i, j = divmod(flat, probs.shape[1])
+        return Prediction(index, self.classes[index], float(probs[i, j]), float(self.logits[index, i, j]), (i, j),
+                          tuple(float(v) for v in self.boxes[i, j]))
+
+    def top(self, k: int = 5) -> list[Prediction]:
+        """The ``k`` classes with the highest probability in any cell, best first."""
+        best = self.probs.flatten(1).max(dim=1).values
+        order = torch.argsort(best, descending=True)[: max(0, k)]
+        return [self.prediction(int(c)) for c in order]
+
+    def overlay(self, query: Union[str, int], **style: Any) -> Image.Image:
+        """The photo with one class's probability map drawn on it (see :func:`convify.render.overlay`)."""
+        from .render import overlay
+
+        index = self.class_index(query)
+        return overlay(self.image, self.probs[index], self.centers, self._region_step(),
+                       label=f"{self.classes[index]}", **style)
+
+    def grid(self, k: int = 3, **style: Any) -> Image.Image:
+        """The top-``k`` classes' overlays side by side in one image."""
+        from .render import grid
+
+        return grid([self.overlay(p.index, **style) for p in self.top(k)])
+
+    def _region_step(self) -> tuple[float, float]:
+        sx, sy = self.scale
+        return self.geometry.stride * sx, self.geometry.stride * sy
+
+    def summary(self, k: int = 5, queries: Sequence[Union[str, int]] = ()) -> dict[str, Any]:
+        """A JSON-able description: image, model, geometry, top-k and the asked classes' peaks."""
+        g = self.geometry
+        return {
+            "image": self.source, "image_size": [self.image.width, self.image.height],
+            "model": self.arch, "input_size": list(self.input_size),
+            "map_size": list(self.logits.shape[1:]),
+            "geometry": {"stride": g.stride, "window": g.window, "offset": g.offset,
+                         "receptive_field": g.receptive_field, "local": g.local,
+                         "scale_to_original": list(self.scale)},
+            "top": [_prediction_dict(p) for p in self.top(k)],
+            "classes": [_prediction_dict(self.prediction(q)) for q in queries],
+        }
+
+    def save(self, directory: Union[str, os.PathLike], *, stem: Optional[str] = None,
+             queries: Sequence[Union[str, int]] = (), k: int = 3, formats: Sequence[str] = ("png", "json", "npy"),
+             force: bool = False) -> list[Path]:
+        """Write overlays, a JSON summary and the raw maps into ``directory``.
+
+        Files: ``STEM.heatmap.png`` (the top-``k`` grid) or, for classes asked by ``queries``, one
+        ``STEM.CLASS.png`` each; ``STEM.json`` (:meth:`summary`); ``STEM.logits.npy`` (the raw ``(C, H', W')``
+        float32 scores, unchanged) and ``STEM.boxes.npy`` (``(H', W', 4)``).
+
+        Raises:
+            OutputExistsError: a file would be overwritten and ``force`` is False (nothing is written).
+        """
+        directory = Path(directory)
+        stem = stem or Path(self.source or "image").stem
+        unknown = set(formats) - {"png", "json", "npy"}
+        if unknown:
+            raise ConvifyError(f"unknown format(s) {', '.join(sorted(unknown))}; use png, json, npy")
+        indices = [self.class_index(q) for q in queries]
+        planned: list[tuple[Path, Any]] = []
+        if "png" in formats:
+            if indices:
+                for index in indices:
+                    planned.append((directory / f"{stem}.{_slug(self.classes[index])}.png",
+                                    lambda index=index: _png(self.overlay(index))))
+            else:
+                planned.append((directory / f"{stem}.heatmap.png", lambda: _png(self.grid(k))))
+        if "json" in formats:
+            planned.append((directory / f"{stem}.json",
+                            lambda: json.dumps(self.summary(max(k, 5), indices), indent=2).encode()))
+        if "npy" in formats:
+            planned.append((directory / f"{stem}.logits.npy", lambda: _npy(self.logits)))
+            planned.append((directory / f"{stem}.boxes.npy", lambda: _npy(self.boxes)))
+        existing = [str(p) for p, _ in planned if p.exists()]
+        if existing and not force:
+            raise OutputExistsError(f"{existing[0]} already exists; use --force (force=True) to overwrite it")
+        directory.mkdir(parents=True, exist_ok=True)
+        for path, make in planned:
+            _write_atomic(path, make())
+        return [p for p, _ in planned]
+
+
+def _prediction_dict(p: Prediction) -> dict[str, Any]:
+    return {"index": p.index, "name": p.name, "probability": p.score, "logit": p.logit, "cell": list(p.cell),
+            "box": [round(v, 2) for v in p.box]}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "class"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _npy(tensor: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, tensor.detach().cpu().float().numpy())
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_class(classes: Sequence[str], query: Union[str, int]) -> int:
+    """A class index from an index, an exact name (any case) or a unique name prefix.
+
+    Raises:
+        ConvifyError: out of range, ambiguous, or unknown (with the nearest names).
+    """
+    if isinstance(query, int) or (isinstance(query, str) and query.strip().isdigit()):
+        index = int(query)
+        if not 0 <= index < len(classes):
+            raise ConvifyError(f"class index {index} is out of range: the model has {len(classes)} classes")
+        return index
+    wanted = str(query).strip().lower()
+    lowered = [c.lower() for c in classes]
+    exact = [i for i, c in enumerate(lowered) if c == wanted]
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        raise ConvifyError(f"class name '{query}' is ambiguous: indices {', '.join(map(str, exact))}; "
+                           "give the index instead")
+    prefixed = [i for i, c in enumerate(lowered) if c.startswith(wanted)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if len(prefixed) > 1:
+        shown = ", ".join(f"'{classes[i]}'" for i in prefixed[:6])
+        raise ConvifyError(f"class name '{query}' matches several classes ({shown}{', ...' if len(prefixed) > 6 else ''}); "
+                           "be more specific or give an index")
+    near = difflib.get_close_matches(wanted, lowered, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(classes[lowered.index(n)]) for n in near)}?" if near else \
+        "; use an index or a name from the model's classes"
+    raise ConvifyError(f"unknown class '{query}'{hint}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def _as_network(model: ModelLike) -> FullyConvNet:
+    if model is None:
+        from .models import default_network
+
+        return default_network()
+    if isinstance(model, FullyConvNet):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    raise ConvifyError(f"model must be a FullyConvNet, a converted file or None (the default); "
+                       f"got {type(model).__name__}; convert an nn.Module with convify.convert first")
+
+
+@torch.inference_mode()
+def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto") -> HeatmapResult:
+    """Class score maps for one image, from one forward pass.
+
+    Args:
+        image: a path, PIL image or tensor (see :func:`load_image`).
+        model: a :class:`FullyConvNet`, the path of a converted file, or None for the default model
+            (EfficientNet-Lite0 with ImageNet weights, offline).
+        size: ``"auto"``, the shorter side in pixels, or None for the image's own pixels (module docs).
+
+    Returns:
+        A :class:`HeatmapResult` with ``(C, H', W')`` logits and boxes in the original image's pixels.
+
+    Raises:
+        ConvifyError: the image cannot be read, or is too small for the network at that size.
+
+    Examples::
+
+        >>> result = convify.heatmap("samples/chelsea.jpg")
+        >>> result.top(1)[0].name
+        'tiger cat'
+    """
+    fcn = _as_network(model)
+    picture = load_image(image)
+    meta, geometry = fcn.meta, fcn.geometry
+    width, height = _target_size(picture.width, picture.height, size, geometry.window)
+    if min(geometry.output_size(height, width)) < 1:
+        raise ConvifyError(f"the image is {width}x{height} px at this size; the network needs at least "
+                           f"{geometry.min_input_size()} px a side (use a larger size)")
+    resized = picture if (width, height) == picture.size else picture.resize((width, height), Image.BICUBIC)
+    x = _normalise(resized, meta.mean, meta.std)
+    param = next(iter(fcn.parameters()), None)
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
+    fcn.eval()
+    out = fcn(x)
+    maps = out[0] if isinstance(out, (tuple, list)) else out
+    logits = maps[0].float().cpu()
+    boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height))
+    classes = list(meta.classes) if meta.classes and len(meta.classes) == logits.shape[0] else \
+        [f"class {i}" for i in range(logits.shape[0])]
+    source = str(image) if isinstance(image, (str, os.PathLike)) else None
+    return HeatmapResult(picture, logits, classes, boxes, centers, (width, height), geometry, meta.arch, source)
+
+
+def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB PIL image -> ``(1, 3, H, W)`` float32, ``(x / 255 - mean) / std``."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return ((array - mean_t) / std_t)[None]
+
+
+def _cell_boxes(geometry: Any, map_size: Sequence[int], original: tuple[int, int],
+                resized: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H', W', 4)`` boxes and ``(H', W', 2)`` centres in original pixels (continuous coordinates)."""
+    rows, cols = int(map_size[0]), int(map_size[1])
+    sx, sy = original[0] / resized[0], original[1] / resized[1]
+    boxes = torch.empty(rows, cols, 4, dtype=torch.float64)
+    for i in range(rows):
+        for j in range(cols):
+            x0, y0, x1, y1 = geometry.cell_box(i, j)
+            boxes[i, j] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy], dtype=torch.float64)
+    centers = torch.stack([(boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2], dim=-1)
+    return boxes.float(), centers.float()
