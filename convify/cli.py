@@ -1,6 +1,7 @@
 """The ``convify`` command: a thin layer over the library (:mod:`convify.convert`, :mod:`convify.models`)."""
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -152,7 +153,7 @@ def heatmap(images: tuple[str, ...], model: Optional[str], weights: Optional[str
         raise click.ClickException(str(e)) from None
     failures = 0
     show_bar = len(images) > 1
-    with click.progressbar(images, label="heatmaps", file=click.get_text_stream("stderr"),
+    with click.progressbar(images, label="heatmaps", file=sys.stderr,
                            hidden=not show_bar) as bar:
         for image in bar:
             try:

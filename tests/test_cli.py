@@ -149,3 +149,95 @@ def test_importing_convify_does_not_import_click():
 
 def test_cli_is_a_click_group():
     assert isinstance(cli, click.Group) and {"convert", "info"} <= set(cli.commands)
+
+
+# --------------------------------------------------------------------------------------------------
+# convify heatmap
+
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "samples"
+
+
+def test_heatmap_with_the_default_model_prints_top_classes_and_writes_files(runner, tmp_path):
+    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "coffee.jpg"), "-o", str(tmp_path), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"{SAMPLES / 'coffee.jpg'} (600x400 px, map 8x15):"
+    assert lines[1].split()[0] == "espresso"
+    assert "peak cell (" in lines[1] and "box (" in lines[1]
+    assert (tmp_path / "coffee.heatmap.png").is_file() and (tmp_path / "coffee.json").is_file()
+    assert not (tmp_path / "coffee.logits.npy").exists()  # npy only when asked
+
+
+def test_heatmap_classes_by_name_and_index_with_all_formats(runner, tmp_path):
+    args = ["heatmap", str(SAMPLES / "cat_and_coffee.jpg"), "--class", "ESPRESSO", "--class", "281",
+            "--format", "png,json,npy", "-o", str(tmp_path)]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines()[1:3]] == ["espresso", "tabby"]
+    for name in ("cat_and_coffee.espresso.png", "cat_and_coffee.tabby.png", "cat_and_coffee.json",
+                 "cat_and_coffee.logits.npy", "cat_and_coffee.boxes.npy"):
+        assert (tmp_path / name).is_file(), name
+    again = runner.invoke(cli, args)  # never overwrites without --force
+    assert again.exit_code == 1
+    assert "already exists; use --force" in again.output
+    assert runner.invoke(cli, args + ["--force"]).exit_code == 0
+
+
+def test_heatmap_unknown_class_lists_near_matches(runner, tmp_path):
+    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "coffee.jpg"), "--class", "espreso", "-o", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: unknown class 'espreso'; did you mean 'espresso', 'espresso maker', "
+                                     "'prison', 'sturgeon', 'speedboat'?")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_heatmap_skips_a_broken_image_and_fails_at_the_end(runner, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a jpeg")
+    out = tmp_path / "out"
+    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "chelsea.jpg"), str(broken), str(SAMPLES / "coffee.jpg"),
+                                 "-o", str(out)])
+    assert result.exit_code == 1
+    assert f"Error: {broken}: cannot read {broken} as an image" in result.output
+    assert result.output.strip().splitlines()[-1] == "Error: 1 of 3 images failed"
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea.heatmap.png", "chelsea.json", "coffee.heatmap.png",
+                                                     "coffee.json"]
+
+
+def test_heatmap_with_an_explicit_converted_file_and_a_state_dict(runner, tmp_path):
+    model = torchvision.models.squeezenet1_1(num_classes=3).eval()
+    fcn = convify.convert(model, classes=["a", "b", "c"])
+    converted = fcn.save(tmp_path / "sq.fcn.pt")
+    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "chelsea.jpg"), "--model", str(converted), "--format", "json",
+                                 "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    names = {line.split()[0] for line in result.output.splitlines()[1:4]}
+    assert names == {"a", "b", "c"}
+    weights = tmp_path / "sq_weights.pt"
+    torch.save(model.state_dict(), weights)
+    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "chelsea.jpg"), "--model", "squeezenet1_1", "--weights",
+                                 str(weights), "--format", "json", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    a = __import__("json").loads((tmp_path / "a" / "chelsea.json").read_text())
+    b = __import__("json").loads((tmp_path / "b" / "chelsea.json").read_text())
+    assert [t["logit"] for t in a["top"]] == pytest.approx([t["logit"] for t in b["top"]], rel=1e-5)
+
+
+def test_heatmap_pretrained_architecture_offline(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "chelsea.jpg"), "--model", "resnet18", "-o", str(tmp_path)])
+    assert result.exit_code == 1
+    # one Error line (torch.hub itself may also say that it tried to download)
+    (message,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert message.startswith("Error: cannot get pretrained weights for torchvision:resnet18")
+    assert message.endswith("pass a weights file with --weights") and "Traceback" not in result.output
+    # with the file in torch.hub's cache, the same command works offline
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cache / url.rsplit("/", 1)[1])
+    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "chelsea.jpg"), "--model", "resnet18", "--format", "json",
+                                 "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert __import__("json").loads((tmp_path / "chelsea.json").read_text())["model"] == "torchvision:resnet18"
