@@ -235,7 +235,7 @@ def test_heatmap_pretrained_architecture_offline(runner, tmp_path, monkeypatch):
     # with the file in torch.hub's cache, the same command works offline
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     cache = tmp_path / "torch" / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)  # torch.hub made it when it tried to download
     torch.save(torchvision.models.resnet18().state_dict(), cache / url.rsplit("/", 1)[1])
     result = runner.invoke(cli, ["heatmap", str(SAMPLES / "chelsea.jpg"), "--model", "resnet18", "--format", "json",
                                  "-o", str(tmp_path)])
