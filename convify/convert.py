@@ -40,7 +40,8 @@ from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
 from .layers import PointwiseConv2d
 from .serialize import unsupported_node
-from .tracing import Layout, example_input, fetch_attr, op_name, probe_layouts, run_graph, shape_of, trace
+from .tracing import (Layout, example_input, fetch_attr, node_arg, op_name, pair, probe_layouts, run_graph,
+                      shape_of, trace)
 
 __all__ = ["convert"]
 
@@ -310,7 +311,7 @@ class _Converter:
         c = src_layout.channel_dim
         out_shape = out_layout.shape
         if name in ("mean", "amax"):
-            dims = _arg(node, 1, "dim")
+            dims = node_arg(node, 1, "dim")
             dims = {d % len(src_layout.shape) for d in ([dims] if isinstance(dims, int) else dims)}
             if dims != {src_layout.hdims[0], src_layout.wdims[0]}:
                 raise ConversionError(f"'{_node_label(node)}' reduces over dims {sorted(dims)}, not the map's "
@@ -376,7 +377,7 @@ class _Converter:
         if node.op == "call_module":
             linear = gm.get_submodule(node.target)
             return linear.weight, linear.bias, node.target
-        weight_node, bias_node = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        weight_node, bias_node = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
         if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
             raise ConversionError(f"'{node.name}' is a linear whose weight is computed, not a parameter")
         bias = None
@@ -584,7 +585,7 @@ def _rule_dim(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, 
             return True
         return self._copy(node, value, out_shape)
     position, default = _DIM_ARGS[name]
-    dim = _arg(node, position, "dim", default)
+    dim = node_arg(node, position, "dim", default)
     if dim is None or not isinstance(dim, int):
         return False
     new_dim = _norm_dim(dim, value)
@@ -686,26 +687,16 @@ def _reaches_spatial(gm: fx.GraphModule, layouts: dict[fx.Node, Layout]) -> dict
     return reaches
 
 
-def _arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[position] if len(node.args) > position else default
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
-
-
 def _pool_kernel(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
     if node.op == "call_module":
-        return _pair(gm.get_submodule(node.target).kernel_size)
-    return _pair(_arg(node, 1, "kernel_size"))
+        return pair(gm.get_submodule(node.target).kernel_size)
+    return pair(node_arg(node, 1, "kernel_size"))
 
 
 def _pool_padding(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
     if node.op == "call_module":
-        return _pair(gm.get_submodule(node.target).padding)
-    return _pair(_arg(node, 3, "padding", 0))
+        return pair(gm.get_submodule(node.target).padding)
+    return pair(node_arg(node, 3, "padding", 0))
 
 
 def _unused_name(module: nn.Module, base: str) -> str:
@@ -743,7 +734,7 @@ def _describe_module(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return f"Linear({module.in_features} -> {module.out_features})"
     if isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
-        k, s = _pair(module.kernel_size), _pair(module.stride)
+        k, s = pair(module.kernel_size), pair(module.stride)
         return f"{type(module).__name__}({k[0]}x{k[1]}, stride {s[0] if s[0] == s[1] else s})"
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return f"{type(module).__name__}({module.output_size})"

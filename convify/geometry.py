@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from .errors import ConversionError
-from .tracing import Layout, fetch_attr, op_name, probe_layouts
+from .tracing import Layout, fetch_attr, node_arg, op_name, pair, probe_layouts, walk_inputs
 
 __all__ = ["Geometry", "analyse_geometry"]
 
@@ -253,29 +253,14 @@ def _flat_nodes(value: Any) -> list[fx.Node]:
 
 def _depends(node: fx.Node, spans: dict) -> bool:
     """Whether ``node`` is computed from the image (as opposed to constants or shape arithmetic)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in spans:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
+    return any(n in spans for n in walk_inputs(node, stop=lambda n: n in spans))
 
 
 def _context_name(net: fx.GraphModule, node: fx.Node, spans: dict) -> str:
     """The pool at the start of a global-context branch (the node that reads the map), by module path."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    for n in walk_inputs(node):
         if any(m in spans for m in n.all_input_nodes):
             return n.target if n.op == "call_module" else n.name
-        stack.extend(n.all_input_nodes)
     return node.name
 
 
@@ -313,16 +298,6 @@ def _norm_is_local(net: fx.GraphModule, node: fx.Node, layout: Layout) -> bool:
     return not normalised & {layout.hdims[0], layout.wdims[0]}
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[position] if len(node.args) > position else default
-
-
 def _window_params(net: fx.GraphModule, node: fx.Node, layouts: dict[fx.Node, Layout]):
     """Per-axis ``(kernel, stride, pad_before, pad_after, dilation, ceil_mode)`` of a windowed op, else None."""
     name = op_name(net, node)
@@ -335,13 +310,13 @@ def _window_params(net: fx.GraphModule, node: fx.Node, layouts: dict[fx.Node, La
             k = tuple(layouts[weight].shape[2:]) if isinstance(weight, fx.Node) and weight in layouts else None
             if k is None:
                 return None
-            s, p, d = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1)
-        k, s, d = _pair(k), _pair(s), _pair(d)
+            s, p, d = node_arg(node, 3, "stride", 1), node_arg(node, 4, "padding", 0), node_arg(node, 5, "dilation", 1)
+        k, s, d = pair(k), pair(s), pair(d)
         if p == "same":
             totals = [d[a] * (k[a] - 1) for a in (0, 1)]
             pads = [(t // 2, t - t // 2) for t in totals]
         else:
-            p = (0, 0) if p == "valid" else _pair(p)
+            p = (0, 0) if p == "valid" else pair(p)
             pads = [(p[0], p[0]), (p[1], p[1])]
         return tuple((k[a], s[a], pads[a][0], pads[a][1], d[a], 0) for a in (0, 1))
     if name in ("max_pool2d", "avg_pool2d"):
@@ -350,15 +325,15 @@ def _window_params(net: fx.GraphModule, node: fx.Node, layouts: dict[fx.Node, La
             d = getattr(module, "dilation", 1)
             ceil = module.ceil_mode
         else:
-            k = _arg(node, 1, "kernel_size")
-            s = _arg(node, 2, "stride") or k
-            p = _arg(node, 3, "padding", 0)
-            d = _arg(node, 4, "dilation", 1) if name == "max_pool2d" else 1
-            ceil = _arg(node, 5 if name == "max_pool2d" else 4, "ceil_mode", False)
-        k, s, p, d = _pair(k), _pair(s or k), _pair(p), _pair(d)
+            k = node_arg(node, 1, "kernel_size")
+            s = node_arg(node, 2, "stride") or k
+            p = node_arg(node, 3, "padding", 0)
+            d = node_arg(node, 4, "dilation", 1) if name == "max_pool2d" else 1
+            ceil = node_arg(node, 5 if name == "max_pool2d" else 4, "ceil_mode", False)
+        k, s, p, d = pair(k), pair(s or k), pair(p), pair(d)
         return tuple((k[a], s[a], p[a], p[a], d[a], int(bool(ceil))) for a in (0, 1))
     if name == "pad":
-        pads = tuple(module.padding if module is not None else _arg(node, 1, "pad"))
+        pads = tuple(module.padding if module is not None else node_arg(node, 1, "pad"))
         left, right, top, bottom = pads + (0,) * (4 - len(pads)) if len(pads) <= 4 else (None,) * 4
         if left is None or layouts[node].wdims[0] != len(layouts[node].shape) - 1:
             return None  # pads more than the map's two dimensions, or a channels-last map

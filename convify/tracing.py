@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -21,7 +21,8 @@ from torch import nn
 from .errors import ConversionError
 from .layers import PointwiseConv2d
 
-__all__ = ["trace", "op_name", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of"]
+__all__ = ["trace", "op_name", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
+           "walk_inputs", "node_arg", "pair"]
 
 
 class _ConcreteTracer(fx.Tracer):
@@ -67,21 +68,40 @@ class _ConcreteTracer(fx.Tracer):
             self._evaluating = False
 
 
-def _reads_values(node: fx.Node) -> bool:
-    """Whether ``node`` depends on the input's values, not just its shape (``x.shape``, ``x.size()``)."""
+def walk_inputs(node: fx.Node, stop: Callable[[fx.Node], bool] = lambda n: False) -> Iterator[fx.Node]:
+    """``node`` and everything it is computed from, depth-first, each once; nodes where ``stop`` is True
+    are yielded but their inputs are not followed."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "placeholder":
-            return True
-        shape_query = (n.op == "call_method" and n.target in ("size", "dim")) or (
-            n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim"))
-        if not shape_query:
+        yield n
+        if not stop(n):
             stack.extend(n.all_input_nodes)
-    return False
+
+
+def _is_shape_query(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in ("size", "dim")) or (
+        n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim"))
+
+
+def _reads_values(node: fx.Node) -> bool:
+    """Whether ``node`` depends on the input's values, not just its shape (``x.shape``, ``x.size()``)."""
+    return any(n.op == "placeholder" for n in walk_inputs(node, stop=_is_shape_query))
+
+
+def node_arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
+    """A call's argument, given by keyword or by position."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else default
+
+
+def pair(v: Any) -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 5) -> (3, 5)``."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
