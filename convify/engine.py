@@ -99,7 +99,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -170,13 +170,18 @@ class HeatmapResult:
     geometry: Any
     arch: Optional[str] = None
     source: Optional[str] = None
-    _probs: Optional[torch.Tensor] = field(default=None, repr=False)
+    _probs: Optional[torch.Tensor] = field(default=None, repr=False)  # the float64 log-softmax, once computed
 
     @property
     def probs(self) -> torch.Tensor:
         """``(C, H', W')`` softmax over classes at each cell."""
+        return self._log_probs.exp().float()
+
+    @property
+    def _log_probs(self) -> torch.Tensor:
+        """``(C, H', W')`` float64 log-softmax: peaks are found here, where probabilities near 1 do not tie."""
         if self._probs is None:
-            self._probs = torch.softmax(self.logits.double(), dim=0).float()
+            self._probs = torch.log_softmax(self.logits.double(), dim=0)
         return self._probs
 
     @property
@@ -191,15 +196,15 @@ class HeatmapResult:
     def prediction(self, query: Union[str, int]) -> Prediction:
         """One class's peak: the cell where its probability is highest."""
         index = self.class_index(query)
-        probs = self.probs[index]
-        flat = int(torch.argmax(probs))
-        i, j = divmod(flat, probs.shape[1])
-        return Prediction(index, self.classes[index], float(probs[i, j]), float(self.logits[index, i, j]), (i, j),
-                          tuple(float(v) for v in self.boxes[i, j]))
+        log_probs = self._log_probs[index]
+        flat = int(torch.argmax(log_probs))
+        i, j = divmod(flat, log_probs.shape[1])
+        return Prediction(index, self.classes[index], float(self.probs[index, i, j]), float(self.logits[index, i, j]),
+                          (i, j), tuple(float(v) for v in self.boxes[i, j]))
 
     def top(self, k: int = 5) -> list[Prediction]:
         """The ``k`` classes with the highest probability in any cell, best first."""
-        best = self.probs.flatten(1).max(dim=1).values
+        best = self._log_probs.flatten(1).max(dim=1).values
         order = torch.argsort(best, descending=True)[: max(0, k)]
         return [self.prediction(int(c)) for c in order]
 
@@ -252,14 +257,14 @@ class HeatmapResult:
         unknown = set(formats) - {"png", "json", "npy"}
         if unknown:
             raise ConvifyError(f"unknown format(s) {', '.join(sorted(unknown))}; use png, json, npy")
-        indices = [self.class_index(q) for q in queries]
+        indices = list(dict.fromkeys(self.class_index(q) for q in queries))
         planned: list[tuple[Path, Any]] = []
         if "png" in formats:
-            if indices:
-                for index in indices:
-                    planned.append((directory / f"{stem}.{_slug(self.classes[index])}.png",
-                                    lambda index=index: _png(self.overlay(index))))
-            else:
+            slugs = [_slug(self.classes[index]) for index in indices]
+            for index, slug in zip(indices, slugs):
+                name = slug if slugs.count(slug) == 1 else f"{slug}_{index}"  # "red-ish" and "red ish"
+                planned.append((directory / f"{stem}.{name}.png", lambda index=index: _png(self.overlay(index))))
+            if not indices:
                 planned.append((directory / f"{stem}.heatmap.png", lambda: _png(self.grid(k))))
         if "json" in formats:
             planned.append((directory / f"{stem}.json",
@@ -376,8 +381,8 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     Examples::
 
         >>> result = convify.heatmap("samples/chelsea.jpg")
-        >>> result.top(1)[0].name
-        'tiger cat'
+        >>> [p.name for p in result.top(3)]
+        ['Egyptian cat', 'tiger cat', 'tabby']
     """
     fcn = _as_network(model)
     picture = load_image(image)

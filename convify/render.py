@@ -102,8 +102,11 @@ def overlay(image: Image.Image, values: torch.Tensor, centers: torch.Tensor, ste
         cx, cy = float(centers[i, j, 0]), float(centers[i, j, 1])
         half = (float(step[0]) / 2, float(step[1]) / 2)
         box = (cx - half[0], cy - half[1], cx + half[0], cy + half[1])
-    x0, y0, x1, y1 = (max(0.0, box[0]), max(0.0, box[1]), min(image.width - 1.0, box[2]), min(image.height - 1.0, box[3]))
-    draw.rectangle((x0, y0, x1, y1), outline=(0, 255, 255), width=max(2, image.width // 300))
+    # PIL's rectangle includes its end pixels; the box's end is exclusive
+    x0, y0 = max(0.0, box[0]), max(0.0, box[1])
+    x1, y1 = min(image.width, box[2]) - 1.0, min(image.height, box[3]) - 1.0
+    if x1 >= x0 and y1 >= y0:
+        draw.rectangle((x0, y0, x1, y1), outline=(0, 255, 255), width=max(2, image.width // 300))
     if not legend:
         return picture
     return _with_legend(picture, label, float(values.max()), cmap, vmin, vmax)

@@ -242,8 +242,6 @@ def test_red_score_is_the_mean_redness_of_the_cell_window(red_net):
     torch.testing.assert_close(result.logits[1], -result.logits[0])
 
 
-@pytest.mark.xfail(strict=True, reason="HeatmapResult.prediction takes argmax over float32 probabilities: cells "
-                                       "whose probability rounds to 1.0 tie and the first (top-left) one wins")
 def test_prediction_picks_the_best_cell_when_probabilities_round_to_one():
     fcn = red_network(gain=10.0)  # logits +-10 x redness: 1 - p is ~1e-8, below float32's resolution at 1
     result = convify.heatmap(scene(32, x=79, y=44), model=fcn, size=None)
@@ -312,8 +310,6 @@ def test_load_image_palette_with_transparency(tmp_path):
     assert pixels(convify.load_image(tmp_path / "t.png")).tolist() == [[[255, 255, 255], [4, 5, 6]]]
 
 
-@pytest.mark.xfail(strict=True, reason="engine._to_rgb composites RGB+tRNS but drops the transparent grey value "
-                                       "of an 'L' PNG with tRNS: the transparent pixel keeps its grey")
 def test_load_image_greyscale_png_with_transparent_value_becomes_white(tmp_path):
     grey = Image.fromarray(np.array([[7, 9]], dtype=np.uint8), "L")
     grey.save(tmp_path / "lt.png", transparency=7)
@@ -585,9 +581,6 @@ def test_save_never_overwrites_without_force(red_result, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
 
 
-@pytest.mark.xfail(strict=True, reason="HeatmapResult.save names per-class PNGs by _slug(name): two classes whose "
-                                       "names differ only in punctuation get one file, the second overwriting "
-                                       "the first")
 def test_save_writes_one_png_per_queried_class(tmp_path):
     fcn = convify.convert(Redness(2.0), input_size=32, classes=["red-ish", "red ish"], mean=(0, 0, 0),
                           std=(1, 1, 1))
