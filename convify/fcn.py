@@ -145,14 +145,15 @@ def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] =
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ModelLoadError(f"{path} is not a convify file ({str(e).splitlines()[0][:200]}); "
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelLoadError(f"{path} is not a convify file ({reason}); "
                              "convert a model first with `convify convert`") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("convify"), str) \
             or not isinstance(payload.get("tensors"), dict):
         raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`")
     try:
         header = json.loads(payload["convify"])
-        if header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`")
         if header.get("version") != VERSION:
             raise ModelLoadError(f"{path} was written by another version of convify (format "
@@ -162,9 +163,9 @@ def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] =
         geometry = Geometry.from_dict(header["geometry"])
         rewrites = [Rewrite(*r) for r in header.get("rewrites", [])]
         graph = json.dumps(header["graph"])
+        net = graph_from_data(graph, payload["tensors"])
     except ModelLoadError:
         raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{path} is a corrupt convify file ({e})") from None
-    net = graph_from_data(graph, payload["tensors"])
+    except Exception as e:  # any other shape of header is damage: say so, whatever Python raised
+        raise ModelLoadError(f"{path} is a corrupt convify file ({type(e).__name__}: {e})") from None
     return FullyConvNet(net, geometry, meta, rewrites, header.get("check"))

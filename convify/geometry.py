@@ -134,12 +134,10 @@ class Geometry:
 def _window_out(n: int, k: int, s: int, before: int, after: int, d: int, ceil_mode: bool) -> int:
     """Output length of a window op (PyTorch's rule, ceil_mode included)."""
     span = n + before + after - d * (k - 1) - 1
-    if span < 0:
-        return 0
     out = (math.ceil(span / s) if ceil_mode else span // s) + 1
     if ceil_mode and (out - 1) * s >= n + before:  # the last window must start inside the input
         out -= 1
-    return out
+    return max(out, 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +185,7 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
         layout = layouts.get(node)
         if node.op == "placeholder" and not layers:
             index[node] = 0
-            layers.append({"op": "input", "inputs": []})
+            layers.append({"op": "input", "inputs": ()})
             spans[node] = (_Span(1, 0, 0), _Span(1, 0, 0))
             continue
         splits_map = layout is not None and not layout.is_tensor and op_name(net, node) in ("chunk", "split") \
@@ -201,7 +199,7 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
                 raise ConversionError("the converted network's outputs do not share one geometry")
             final = spans_out[0]
             index[node] = len(layers)
-            layers.append({"op": "same", "inputs": [index[n] for n in _flat_nodes(node.args[0]) if n in index][:1]})
+            layers.append({"op": "same", "inputs": tuple([index[n] for n in _flat_nodes(node.args[0]) if n in index][:1])})
             break
         if not mapped:
             raise ConversionError(f"'{node.name}' makes a map without reading the image; convify cannot place it")
@@ -212,10 +210,10 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
         params = _window_params(net, node, layouts)
         if params is not None:
             (h, w) = params
-            padded |= any(p[2] or p[3] for p in params)
+            padded |= any(p[2] or p[3] for p in params) or _hangs_over(layouts, mapped[0], params)
             src = spans[mapped[0]]
             spans[node] = (_apply(src[0], *h), _apply(src[1], *w))
-            layers.append({"op": "window", "inputs": [index[mapped[0]]],
+            layers.append({"op": "window", "inputs": (index[mapped[0]],),
                            **{key: (h[i], w[i]) for i, key in enumerate(("kernel", "stride", "pad_before",
                                                                           "pad_after", "dilation"))},
                            "ceil_mode": bool(h[5])})
@@ -226,7 +224,7 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
             if name not in _LOCAL and not (name == "layer_norm" and _norm_is_local(net, node, layout)):
                 global_context.append(node.name)  # normalises over the map (GroupNorm...) or unknown
             spans[node] = _merge(node, [spans[n] for n in mapped])
-            layers.append({"op": "same", "inputs": [index[n] for n in mapped]})
+            layers.append({"op": "same", "inputs": tuple(index[n] for n in mapped)})
         index[node] = len(layers) - 1
     else:
         raise ConversionError("the converted network has no output")
@@ -262,6 +260,17 @@ def _context_name(net: fx.GraphModule, node: fx.Node, spans: dict) -> str:
         if any(m in spans for m in n.all_input_nodes):
             return n.target if n.op == "call_module" else n.name
     return node.name
+
+
+def _hangs_over(layouts: dict[fx.Node, Layout], src: fx.Node, params: tuple) -> bool:
+    """Whether a ceil_mode window hangs past its input at the native size (implicit padding)."""
+    layout = layouts[src]
+    for (k, s, before, after, d, ceil_mode), dim in zip(params, (layout.hdims[0], layout.wdims[0])):
+        n = layout.shape[dim]
+        out = _window_out(n, k, s, before, after, d, bool(ceil_mode))
+        if ceil_mode and out and (out - 1) * s + d * (k - 1) + 1 > n + before + after:
+            return True
+    return False
 
 
 def _apply(src: _Span, k: int, s: int, before: int, after: int, d: int, ceil_mode: int) -> _Span:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import builtins
 import inspect
 import json
+import keyword
 import operator
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -177,6 +179,27 @@ def graph_to_data(net: fx.GraphModule) -> tuple[str, dict[str, torch.Tensor]]:
     return json.dumps({"nodes": nodes, "modules": modules}), tensors
 
 
+# fx writes node names, placeholder names, keyword names and attribute paths into Python source that it
+# exec()s; a file may only use names that cannot be anything but names.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def _check_name(value: Any, pattern: re.Pattern, what: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value) or keyword.iskeyword(value):
+        raise ModelLoadError(f"converted file names a {what} {str(value)[:40]!r}, which is not a plain name; "
+                             "it was not written by convify")
+    return value
+
+
+def _check_kwargs(kwargs: Any) -> dict:
+    if not isinstance(kwargs, dict):
+        raise ModelLoadError("converted file is corrupt: keyword arguments are not a mapping")
+    for key in kwargs:
+        _check_name(key, _NAME, "keyword argument")
+    return kwargs
+
+
 def graph_from_data(description: str, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
     """Rebuild the GraphModule described by :func:`graph_to_data`; only allowlisted operations.
 
@@ -190,11 +213,12 @@ def graph_from_data(description: str, tensors: dict[str, torch.Tensor]) -> fx.Gr
         raise ModelLoadError(f"converted file is corrupt: {e}") from None
     root: dict[str, Any] = {}
     for target, spec in module_specs.items():
+        _check_name(target, _PATH, "layer")
         cls = _MODULES.get(spec.get("class"))
         if cls is None:
             raise ModelLoadError(f"converted file names layer type {spec.get('class')!r}, which convify does "
                                  "not allow; it was not written by convify")
-        kwargs = {k: _decode(v, {}) for k, v in spec.get("kwargs", {}).items()}
+        kwargs = {k: _decode(v, {}) for k, v in _check_kwargs(spec.get("kwargs", {})).items()}
         try:
             root[target] = cls(**kwargs)
         except (TypeError, ValueError) as e:
@@ -202,8 +226,10 @@ def graph_from_data(description: str, tensors: dict[str, torch.Tensor]) -> fx.Gr
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     for entry in node_list:
-        op, target, name = entry["op"], entry["target"], entry["name"]
-        args, kwargs = _decode(entry["args"], nodes), _decode(entry["kwargs"], nodes)
+        op, target, name = entry["op"], entry["target"], _check_name(entry["name"], _NAME, "node")
+        args, kwargs = _decode(entry["args"], nodes), _check_kwargs(_decode(entry["kwargs"], nodes))
+        if not isinstance(args, (list, tuple)):
+            raise ModelLoadError(f"converted file is corrupt: node '{name}' has arguments {args!r}")
         if op == "call_function":
             if target not in _FUNCTIONS:
                 raise ModelLoadError(f"converted file uses operation {target!r}, which convify does not allow")
@@ -211,17 +237,20 @@ def graph_from_data(description: str, tensors: dict[str, torch.Tensor]) -> fx.Gr
         elif op == "call_method":
             if target not in _METHODS:
                 raise ModelLoadError(f"converted file uses tensor method {target!r}, which convify does not allow")
+        elif op == "placeholder":
+            _check_name(target, _NAME, "input")
         elif op == "call_module":
             if target not in root:
                 raise ModelLoadError(f"converted file is corrupt: layer '{target}' is not described")
         elif op == "get_attr":
+            _check_name(target, _PATH, "tensor")
             if target not in tensors:
                 raise ModelLoadError(f"converted file is corrupt: tensor '{target}' is missing")
             root[target] = tensors[target]
         elif op == "output":
             graph.output(args[0])
             continue
-        elif op != "placeholder":
+        else:
             raise ModelLoadError(f"converted file uses graph operation {op!r}, which convify does not allow")
         nodes[name] = graph.create_node(op, target, tuple(args), dict(kwargs), name)
     try:

@@ -175,7 +175,7 @@ def test_round_trip_keeps_outputs_meta_rewrites_and_check(tmp_path: Path, name: 
     assert loaded.rewrites == fcn.rewrites and len(loaded.rewrites) >= 1
     assert [str(r) for r in loaded.rewrites] == [str(r) for r in fcn.rewrites]
     assert loaded.check == fcn.check and loaded.check["max_abs_diff"] is not None
-    # every geometry field survives; the layer table up to list/tuple (see the strict xfail below)
+    # every geometry field survives
     for f in fields(convify.Geometry):
         if f.name != "layers":
             assert getattr(loaded.geometry, f.name) == getattr(fcn.geometry, f.name), f.name
@@ -191,8 +191,6 @@ def test_round_trip_keeps_outputs_meta_rewrites_and_check(tmp_path: Path, name: 
         torch.testing.assert_close(loaded_state[key], state[key], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="Geometry.from_dict turns every list in a layer into a tuple, so the "
-                   "'inputs' lists analyse_geometry writes come back as tuples and Geometry.__eq__ fails")
 def test_loaded_geometry_equals_the_converted_geometry(tmp_path: Path, small_fcn: convify.FullyConvNet) -> None:
     loaded = convify.load(small_fcn.save(tmp_path / "net.convify"))
     assert loaded.geometry == small_fcn.geometry
@@ -360,9 +358,6 @@ def test_a_plain_pickle_file_is_refused_and_runs_nothing(tmp_path: Path) -> None
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="serialize.graph_from_data never checks a placeholder's target; fx puts it "
-                   "verbatim into `def forward(self, <target>)` and GraphModule exec()s that source, so a default "
-                   "argument expression in the file runs during convify.load")
 def test_a_placeholder_target_cannot_run_code_at_load(tmp_path: Path, saved: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the injected code creates ./pwned
@@ -378,9 +373,6 @@ def test_a_placeholder_target_cannot_run_code_at_load(tmp_path: Path, saved: Pat
     assert not (tmp_path / "pwned").exists(), "loading the file ran code from it"
 
 
-@pytest.mark.xfail(strict=True, reason="serialize.graph_from_data accepts any string as a layer's name; fx writes "
-                   "it as getattr(self, \"<name>\") into generated source, so a name holding a quote injects code "
-                   "that runs when the loaded network is called")
 def test_a_layer_name_cannot_inject_code_into_forward(tmp_path: Path, saved: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the injected code creates ./pwned
@@ -422,8 +414,6 @@ def test_random_bytes_are_not_a_convify_file(tmp_path: Path, content: bytes) -> 
         convify.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="fcn.load formats str(e).splitlines()[0]; torch.load raises "
-                   "EOFError('') on an empty file, so the message is empty and load raises IndexError")
 def test_an_empty_file_is_not_a_convify_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.convify"
     path.write_bytes(b"")
@@ -497,7 +487,6 @@ _ESCAPES = "fcn.load and serialize.graph_from_data/_decode catch only ValueError
     pytest.param(lambda h: _set(_first(h, "call_module"), "args", {"tuple": 5}), id="tuple-not-a-list"),
     pytest.param(lambda h: _set(_first(h, "output"), "args", {"tuple": []}), id="output-without-value"),
 ])
-@pytest.mark.xfail(strict=True, reason=_ESCAPES)
 def test_a_header_of_the_wrong_shape_is_a_load_error(tmp_path: Path, saved: Path,
                                                      edit: Callable[[dict], Any]) -> None:
     payload = torch.load(saved, weights_only=True)

@@ -399,8 +399,6 @@ def test_to_dict_is_json_and_from_dict_answers_the_same(key: str, converted: Con
     assert back.cell_box(2, 3) == g.cell_box(2, 3) and back.rf_box(2, 3) == g.rf_box(2, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="Geometry.from_dict turns every list in a layer into a tuple, but "
-                   "analyse_geometry stores each layer's 'inputs' as a list, so from_dict(to_dict(g)) != g")
 @pytest.mark.parametrize("key", ["padding_free@38"])
 def test_to_dict_from_dict_round_trip_is_equal(key: str, converted: Converted) -> None:
     g = converted(key).geometry
@@ -418,14 +416,13 @@ def test_a_hand_written_geometry_answers_in_closed_form() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Geometries that do not match real runs (bugs, kept as strict xfails)
+# Geometries that once did not match real runs: ceil_mode on small maps, implicit padding
 
 _CEIL = ("geometry._window_out returns 0 whenever n + pads < the dilated kernel, but in ceil_mode PyTorch still "
          "gives one window when the shortfall is under the stride (ceil(span / stride) + 1 = 1 for "
          "-stride < span < 0)")
 
 
-@pytest.mark.xfail(strict=True, reason=_CEIL)
 def test_ceil_mode_pool_on_a_map_smaller_than_its_kernel() -> None:
     model = TinyCeil().eval()
     fcn = convify.convert(model, input_size=5)
@@ -434,7 +431,6 @@ def test_ceil_mode_pool_on_a_map_smaller_than_its_kernel() -> None:
     assert fcn.geometry.min_input_size() == 5
 
 
-@pytest.mark.xfail(strict=True, reason=_CEIL)
 def test_googlenet_at_32_px_runs_from_15_px() -> None:
     fcn = convify.convert(_torchvision("googlenet"), input_size=32, check=False)
     g = fcn.geometry
@@ -445,9 +441,6 @@ def test_googlenet_at_32_px_runs_from_15_px() -> None:
     assert g.min_input_size() == 15
 
 
-@pytest.mark.xfail(strict=True, reason="analyse_geometry sets padded only from explicit pads; a ceil_mode pool whose "
-                   "last window hangs past the map at the native size pads implicitly, so padded is False although "
-                   "cells differ from the classifier on their crops (and receptive_field 17 > window 16)")
 def test_padded_false_means_cells_equal_the_classifier_on_their_crops() -> None:
     model = CeilOverhang().eval()
     fcn = convify.convert(model, input_size=16)
