@@ -29,7 +29,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -738,6 +738,8 @@ def _describe_module(module: nn.Module) -> str:
         return f"{type(module).__name__}({k[0]}x{k[1]}, stride {s[0] if s[0] == s[1] else s})"
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return f"{type(module).__name__}({module.output_size})"
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return f"{type(module).__name__}({module.num_features})"
     return repr(module).replace("\n", " ")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import io
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field

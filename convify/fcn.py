@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConvifyError, ModelLoadError, OutputExistsError
+from .errors import ModelLoadError, OutputExistsError
 from .geometry import Geometry
 from .serialize import graph_from_data, graph_to_data
 

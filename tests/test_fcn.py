@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -102,13 +102,7 @@ def _convert(model: nn.Module, size: int, name: str) -> convify.FullyConvNet:
     return convify.convert(model, input_size=size, arch=f"test:{name}", classes=CLASSES, mean=MEAN, std=STD)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These small workloads run faster on one thread, and do not stall when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

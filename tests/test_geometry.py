@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -130,13 +130,7 @@ _BUILDERS: dict[str, tuple[Callable[[], nn.Module], int]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tiny workloads run faster on one thread, and do not stall when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
