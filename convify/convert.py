@@ -257,7 +257,8 @@ class _Converter:
         root: dict[str, Any] = {}
         for node in self.graph.nodes:
             if node.op in ("call_module", "get_attr"):
-                root[node.target] = self.new_modules.get(node.target) or fetch_attr(self.traced, node.target)
+                new = self.new_modules.get(node.target)
+                root[node.target] = new if new is not None else fetch_attr(self.traced, node.target)
         net = fx.GraphModule(root, self.graph, class_name="FullyConvGraph")
         return net.eval()
 
