@@ -176,7 +176,8 @@ class _Converter:
         return probe_layouts(gm, self.size, native)
 
     def _resolve_adaptive_pools(self, native: dict[fx.Node, Any]) -> bool:
-        """Remove adaptive pools that are identities at the native size; fix those that divide evenly.
+        """Remove adaptive pools that are identities at the native size; fix those that divide evenly;
+        make fixed pools over the whole map stride 1.
 
         VGG's ``AdaptiveAvgPool2d(7)`` on a 7x7 map does nothing at 224 px but would squash a larger map
         back to 7x7; removing it lets the map grow. Global pools (output 1x1) are left for the head rewrite.
@@ -185,6 +186,9 @@ class _Converter:
         changed = False
         for node in list(gm.graph.nodes):
             name = op_name(gm, node)
+            if name in ("avg_pool2d", "max_pool2d") and node in native:
+                changed |= self._densify_whole_map_pool(node, name, native)
+                continue
             if name not in ("adaptive_avg_pool2d", "adaptive_max_pool2d") or node not in native:
                 continue
             src, out = native.get(node.args[0]), native[node]
@@ -216,6 +220,27 @@ class _Converter:
         gm.graph.lint()
         gm.recompile()
         return changed
+
+    def _densify_whole_map_pool(self, node: fx.Node, name: str, native: dict[fx.Node, Any]) -> bool:
+        """A fixed pool whose window is the whole map at the native size (``AvgPool2d(7)`` in old ResNets)
+        is a global pool: make it stride 1, so larger maps are pooled at every position."""
+        gm = self.traced
+        src, out = native.get(node.args[0]), native[node]
+        if src is None or out is None or len(src) != 4 or out[2:] != (1, 1):
+            return False
+        kernel = _pool_kernel(gm, node)
+        if kernel != tuple(src[2:]) or _pool_padding(gm, node) != (0, 0) or kernel == (1, 1):
+            return False
+        pool = nn.AvgPool2d(kernel, stride=1) if name == "avg_pool2d" else nn.MaxPool2d(kernel, stride=1)
+        before = _describe_node(gm, node)
+        with gm.graph.inserting_before(node):
+            target = node.target if node.op == "call_module" else _unused_name(gm, node.name)
+            gm.add_submodule(target, pool)
+            new = gm.graph.call_module(target, (node.args[0],))
+        self.rewrites.append(Rewrite(_node_label(node), before, _describe_module(pool)))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return True
 
     # -- building ----------------------------------------------------------------------------------
 

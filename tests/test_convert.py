@@ -315,3 +315,43 @@ def test_a_wrong_rewrite_is_caught_and_the_first_differing_layer_named(monkeypat
     monkeypatch.setitem(convert_module._HEAD_RULES, "linear", wrong_linear)
     with pytest.raises(ConversionError, match=r"first layer that differs: 'classifier\.1'"):
         convify.convert(BatchNormHead().eval(), input_size=32)
+
+
+class PoolHead(nn.Module):
+    """A tiny body (8x8 map at 32 px) with one of the global-pool spellings convify rewrites."""
+
+    def __init__(self, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fixed = nn.AvgPool2d(8)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.pool == "fixed_avg_pool":  # old-style ResNets: a fixed window that is the whole map
+            x = self.fixed(x).flatten(1)
+        elif self.pool == "adaptive_max":
+            x = F.adaptive_max_pool2d(x, (1, 1)).view(x.size(0), -1)
+        elif self.pool == "amax":
+            x = x.amax(dim=(-2, -1))
+        elif self.pool == "channels_last_mean":
+            x = x.permute(0, 2, 3, 1).mean((1, 2))
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("pool", ["fixed_avg_pool", "adaptive_max", "amax", "channels_last_mean"])
+def test_every_global_pool_spelling_becomes_a_stride_1_pool(pool):
+    model = PoolHead(pool).eval()
+    fcn = convify.convert(model, input_size=32)
+    assert_equivalent(model, fcn, torch.randn(2, 3, 32, 32))
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        maps = fcn(x)
+        features = model.body(x)  # (1, 6, 12, 16): 5x9 windows of 8x8 at stride 1
+        reduce = F.max_pool2d if pool in ("adaptive_max", "amax") else F.avg_pool2d
+        expected = model.fc(reduce(features, 8, stride=1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert maps.shape == (1, 3, 5, 9) == (1, 3, *fcn.geometry.output_size(48, 64))
+    torch.testing.assert_close(maps, expected)
+    if pool == "fixed_avg_pool":
+        assert "fixed  AvgPool2d(8x8, stride 8)  ->  AvgPool2d(8x8, stride 1)" in [str(r) for r in fcn.rewrites]
