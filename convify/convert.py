@@ -231,6 +231,8 @@ class _Converter:
         kernel = _pool_kernel(gm, node)
         if kernel != tuple(src[2:]) or _pool_padding(gm, node) != (0, 0) or kernel == (1, 1):
             return False
+        if _feeds_windowed_op(gm, node):  # a body pool that happens to cover a tiny native map
+            return False
         pool = nn.AvgPool2d(kernel, stride=1) if name == "avg_pool2d" else nn.MaxPool2d(kernel, stride=1)
         before = _describe_node(gm, node)
         with gm.graph.inserting_before(node):
@@ -695,6 +697,22 @@ def _eliminate_dead_code(graph: fx.Graph) -> None:
             or node.kwargs.get("inplace") is True
         if not node.users and node.op not in ("output", "placeholder") and not in_place:
             graph.erase_node(node)
+
+
+def _feeds_windowed_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a pool or a convolution wider than 1x1 reads, directly or not, what ``node`` computes."""
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        name = op_name(gm, user)
+        if "pool" in name or (name == "conv2d" and (user.op != "call_module"  # functional: kernel unknown here
+                                                    or gm.get_submodule(user.target).kernel_size != (1, 1))):
+            return True
+        stack.extend(user.users)
+    return False
 
 
 def _depends_on_input(gm: fx.GraphModule) -> dict[fx.Node, bool]:
