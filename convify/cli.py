@@ -26,7 +26,7 @@ def _default_output(model: str) -> Path:
     """``dir/name.pt`` -> ``dir/name.fcn.pt``; an architecture name -> ``./name.fcn.pt``."""
     path = Path(model)
     if path.is_file():
-        return path.with_name(f"{path.name.split('.')[0]}.fcn.pt")
+        return path.with_name(f"{path.stem}.fcn.pt")
     return Path(f"{model.replace(':', '_').replace('/', '_')}.fcn.pt")
 
 
