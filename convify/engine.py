@@ -19,7 +19,6 @@ import difflib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence, Union
@@ -29,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import ConvifyError, OutputExistsError
-from .fcn import FullyConvNet, load
+from .fcn import FullyConvNet, load, write_atomic
 
 __all__ = ["heatmap", "HeatmapResult", "Prediction", "load_image", "resolve_class"]
 
@@ -276,7 +275,8 @@ class HeatmapResult:
             raise OutputExistsError(f"{existing[0]} already exists; use --force (force=True) to overwrite it")
         directory.mkdir(parents=True, exist_ok=True)
         for path, make in planned:
-            _write_atomic(path, make())
+            data = make()
+            write_atomic(path, lambda f: f.write(data))
         return [p for p, _ in planned]
 
 
@@ -299,17 +299,6 @@ def _npy(tensor: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, tensor.detach().cpu().float().numpy())
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resolve_class(classes: Sequence[str], query: Union[str, int]) -> int:
