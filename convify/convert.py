@@ -209,14 +209,7 @@ class _Converter:
                     f"{out[2]}x{out[3]} (check input_size)"
                 )
             kernel = (src[2] // out[2], src[3] // out[3])
-            pool = (nn.AvgPool2d if name == "adaptive_avg_pool2d" else nn.MaxPool2d)(kernel, kernel)
-            with gm.graph.inserting_before(node):
-                target = node.target if node.op == "call_module" else _unused_name(gm, node.name)
-                gm.add_submodule(target, pool)
-                new = gm.graph.call_module(target, (node.args[0],))
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            self.rewrites.append(Rewrite(_node_label(node), label, _describe_module(pool)))
+            self._swap_pool(node, (nn.AvgPool2d if name == "adaptive_avg_pool2d" else nn.MaxPool2d)(kernel, kernel))
         gm.graph.lint()
         gm.recompile()
         return changed
@@ -233,16 +226,21 @@ class _Converter:
             return False
         if _feeds_windowed_op(gm, node):  # a body pool that happens to cover a tiny native map
             return False
-        pool = nn.AvgPool2d(kernel, stride=1) if name == "avg_pool2d" else nn.MaxPool2d(kernel, stride=1)
+        pool_class = nn.AvgPool2d if name == "avg_pool2d" else nn.MaxPool2d
+        self._swap_pool(node, pool_class(kernel, stride=1))
+        return True
+
+    def _swap_pool(self, node: fx.Node, pool: nn.Module) -> None:
+        """Replace a pool node of the traced graph by ``pool`` (under the same module path), and say so."""
+        gm = self.traced
         before = _describe_node(gm, node)
         with gm.graph.inserting_before(node):
             target = node.target if node.op == "call_module" else _unused_name(gm, node.name)
             gm.add_submodule(target, pool)
             new = gm.graph.call_module(target, (node.args[0],))
-        self.rewrites.append(Rewrite(_node_label(node), before, _describe_module(pool)))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        return True
+        self.rewrites.append(Rewrite(_node_label(node), before, _describe_module(pool)))
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -823,13 +821,14 @@ def _check_equal(original: nn.Module, traced: fx.GraphModule, net: fx.GraphModul
     if ok:
         return report
     if x.dtype != torch.float64:
-        original, traced, net, x = (copy.deepcopy(original).double(), copy.deepcopy(traced).double(),
-                                    copy.deepcopy(net).double(), x.double())
+        original, net, x = copy.deepcopy(original).double(), copy.deepcopy(net).double(), x.double()
         worst64, ok = _compare(original(x), net(x))
         report.update(dtype="float64", max_abs_diff_float64=worst64)
         if ok:
             _log.info("float32 outputs differ by %.3g (rounding); float64 outputs by %.3g", worst, worst64)
             return report
+    if x.dtype != example.dtype:  # compared in float64: localise there too (copied only now, on failure)
+        traced = copy.deepcopy(traced).double()
     layer = _first_difference(traced, net, x)
     diff64 = report["max_abs_diff_float64"]
     in_float64 = "" if diff64 is None else f", {diff64:.3g} in float64"

@@ -130,9 +130,12 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 
 def is_convify_file(path: Union[str, os.PathLike]) -> bool:
-    """Whether ``path`` is a file written by :meth:`FullyConvNet.save` (read safely, weights_only)."""
+    """Whether ``path`` is a file written by :meth:`FullyConvNet.save` (read safely, weights_only).
+
+    The file is memory-mapped, so asking about a large model reads its header, not its weights.
+    """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return False
     return isinstance(payload, dict) and isinstance(payload.get("convify"), str)
