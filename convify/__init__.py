@@ -6,10 +6,11 @@ torch.Size([1, 1000, 6, 6])
 """
 from .convert import convert
 from .engine import HeatmapResult, Prediction, heatmap, load_image
-from .errors import ConversionError, ConvifyError, ModelLoadError, OutputExistsError
+from .errors import (ConversionError, ConvifyError, ImageError, LimitError, ModelLoadError, OutputError,
+                     OutputExistsError)
 from .fcn import FullyConvNet, ModelMeta, load
 from .geometry import Geometry
 
 __all__ = ["convert", "load", "heatmap", "HeatmapResult", "Prediction", "load_image", "FullyConvNet", "Geometry", "ModelMeta", "ConvifyError", "ConversionError",
-           "ModelLoadError", "OutputExistsError"]
+           "ModelLoadError", "OutputExistsError", "ImageError", "LimitError", "OutputError"]
 __version__ = "0.1.0"

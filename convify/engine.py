@@ -27,17 +27,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ConvifyError, OutputExistsError
+from .errors import ConvifyError, ImageError, OutputExistsError
 from .fcn import FullyConvNet, load, write_atomic
 
 __all__ = ["heatmap", "HeatmapResult", "Prediction", "load_image", "resolve_class"]
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
 ModelLike = Union[FullyConvNet, str, os.PathLike, None]
-
-
-class ImageError(ConvifyError):
-    """An image cannot be read or used."""
 
 
 class Prediction(NamedTuple):

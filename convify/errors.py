@@ -13,5 +13,17 @@ class ModelLoadError(ConvifyError):
     """A model, architecture name, weights file or converted file cannot be loaded."""
 
 
-class OutputExistsError(ConvifyError):
+class ImageError(ConvifyError):
+    """An image cannot be read or used."""
+
+
+class LimitError(ConvifyError):
+    """A size, count or memory limit would be exceeded; the message names the limit and how to change it."""
+
+
+class OutputError(ConvifyError):
+    """An output cannot be written (unwritable or full location, or it would overwrite an input)."""
+
+
+class OutputExistsError(OutputError):
     """An output file exists and overwriting was not asked for (use force=True / --force)."""

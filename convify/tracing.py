@@ -10,7 +10,9 @@ example input at the native size, so the trace follows the branch the model take
 """
 from __future__ import annotations
 
+import keyword
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -21,7 +23,7 @@ from torch import nn
 from .errors import ConversionError
 from .layers import PointwiseConv2d
 
-__all__ = ["trace", "op_name", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
+__all__ = ["trace", "check_names", "op_name", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
            "walk_inputs", "node_arg", "pair"]
 
 
@@ -104,6 +106,34 @@ def pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+# What nn.Module itself produces as a layer, parameter or buffer name: a Python identifier, or a digit
+# string (nn.Sequential, nn.ModuleList). torch.fx pastes these names into the source it generates and
+# exec()s, so a name that is anything else (a quote, a newline, code) must never reach it.
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+
+
+def check_names(model: nn.Module) -> None:
+    """Refuse a model whose layer, parameter or buffer names are not plain names.
+
+    Names come from the model's file when it was unpickled; torch.fx writes them into Python source, so
+    this runs before any tracing.
+
+    Raises:
+        ConversionError: naming the first offending name (escaped) and its place in the model.
+    """
+    def bad(kind: str, owner: str, name: object) -> ConversionError:
+        where = f" in '{owner}'" if owner else ""
+        return ConversionError(f"the model has a {kind} named {ascii(str(name))[:80]}{where}, which is not a plain "
+                               "Python name as torch.nn makes them; convify refuses it (a crafted file?)")
+
+    for owner, module in model.named_modules():
+        for kind, table in (("layer", module._modules), ("parameter", module._parameters),
+                            ("buffer", module._buffers)):
+            for name in table:
+                if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name) or keyword.iskeyword(name):
+                    raise bad(kind, owner, name)
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """Trace ``model`` (in eval mode) into a GraphModule, with evaluation-time no-ops removed.
 
@@ -117,6 +147,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     Raises:
         ConversionError: the model cannot be traced.
     """
+    check_names(model)
     tracer = _ConcreteTracer(example)
     try:
         graph = tracer.trace(model)

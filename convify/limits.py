@@ -1,0 +1,34 @@
+"""Every bound convify puts on what a file, an image or an option may ask for, in one place.
+
+Strangers' files and command lines must not make convify allocate without a bound. Each limit is a
+constant here, documented with why its default is what it is; the functions that enforce them take an
+argument of the same name where a user may need more (``max_pixels=``, ``--max-pixels``), and the error
+says which. Exceeding one raises :class:`~convify.errors.LimitError`.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
+    "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS",
+]
+
+# Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
+# (timm's convnext_xxlarge: 0.85e9); 2e9 float32 weights are 8 GB.
+MAX_PARAMETERS = 2_000_000_000
+# Outputs of a classifier: ImageNet-22k has 21,843 classes, the largest common label sets under 100,000.
+MAX_CLASSES = 100_000
+# Native (training) input size of a model, in pixels; the largest timm CNN is trained at 800 px.
+MAX_INPUT_SIZE = 4096
+# Pixels Pillow may decode from one image file (its own default warns at 89 MP; convify refuses at this).
+MAX_IMAGE_PIXELS = 200_000_000
+# Pixels the network runs on in one whole-image pass, after the size policy: 40 MP is a 7700x5200 photo at
+# full resolution; VGG16 needs about 770 bytes per input pixel, so this is ~30 GB for the largest network.
+MAX_PIXELS = 40_000_000
+# Longest side of the network's input after the size policy (an extreme aspect ratio must not explode).
+MAX_SIDE = 16_384
+# A converted file's JSON header (graph, geometry, metadata, class names).
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+# Nodes in a converted file's graph (the largest timm CNNs trace to under 10,000).
+MAX_GRAPH_NODES = 100_000
+# Tensors in one checkpoint or converted file.
+MAX_TENSORS = 100_000
