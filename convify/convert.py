@@ -39,28 +39,12 @@ from .errors import ConversionError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
 from .layers import PointwiseConv2d
-from .serialize import unsupported_node
-from .tracing import (Layout, example_input, fetch_attr, node_arg, op_name, pair, probe_layouts, run_graph,
-                      shape_of, trace)
+from .ops import op_for, op_name, unsupported_node
+from .tracing import Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, shape_of, trace
 
 __all__ = ["convert"]
 
 _log = logging.getLogger(__name__)
-
-
-# Operations that act on each element (or each position's channel vector along dim 1) on their own.
-_ELEMENTWISE = {
-    "relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "mish", "leaky_relu",
-    "elu", "selu", "celu", "softplus", "hardtanh", "prelu", "exp", "neg", "abs", "clamp", "sqrt",
-    "contiguous", "clone", "float", "batch_norm", "pow", "log",
-}
-_BINARY = {"add", "sub", "mul", "div", "floordiv", "truediv", "rsub", "maximum", "minimum"}
-# op -> (position of `dim` in args, its default)
-_DIM_ARGS = {"softmax": (1, None), "log_softmax": (1, None), "normalize": (2, 1), "cat": (1, 0),
-             "chunk": (2, 0), "split": (2, 0)}
-_TO_VECTOR = {"flatten", "view", "reshape", "squeeze"}
-_GLOBAL_POOLS = {"adaptive_avg_pool2d": "avg", "adaptive_max_pool2d": "max", "avg_pool2d": "avg",
-                 "max_pool2d": "max", "mean": "avg", "amax": "max"}
 
 
 def convert(
@@ -311,8 +295,9 @@ class _Converter:
         src = spatial_inputs[0]
         src_layout, out_layout = layouts[src], layouts[node]
         label = _describe_node(gm, node)
-        if len(spatial_inputs) == 1 and name in _GLOBAL_POOLS and out_layout.known and not out_layout.flattened:
-            self._global_pool(node, src, src_layout, out_layout, _GLOBAL_POOLS[name])
+        op = op_for(gm, node)
+        if len(spatial_inputs) == 1 and op is not None and op.pool and out_layout.known and not out_layout.flattened:
+            self._global_pool(node, src, src_layout, out_layout, op.pool)
             return
         if len(spatial_inputs) == 1 and name in ("flatten", "view", "reshape") and out_layout.shape is not None:
             n, features = out_layout.shape[0], math.prod(src_layout.shape[1:])
@@ -439,7 +424,8 @@ class _Converter:
         if name in ("size", "dim", "getattr") and out_shape is None:  # shape queries: harmless, kept
             self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
             return
-        rule = _HEAD_RULES.get(name)
+        op = op_for(gm, node)
+        rule = _HEAD_RULES.get(op.head) if op is not None and op.head else None
         if rule is None or not rule(self, node, value, inputs, out_shape):
             raise ConversionError(
                 f"head operation '{_node_label(node)}' ({_describe_node(gm, node)}) on a "
@@ -610,7 +596,7 @@ def _rule_dim(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, 
             self.head[node] = _HeadValue(out_shape or value.shape, value.inserted, value.spatial)
             return True
         return self._copy(node, value, out_shape)
-    position, default = _DIM_ARGS[name]
+    position, default = op_for(gm, node).dim
     dim = node_arg(node, position, "dim", default)
     if dim is None or not isinstance(dim, int):
         return False
@@ -659,15 +645,12 @@ def _rule_permute(self: _Converter, node: fx.Node, value: _HeadValue, inputs: li
     return True
 
 
-_HEAD_RULES = {name: _rule_elementwise for name in _ELEMENTWISE}
-_HEAD_RULES.update({name: _rule_binary for name in _BINARY})
-_HEAD_RULES.update({name: _rule_to_vector for name in _TO_VECTOR})
-_HEAD_RULES.update({name: _rule_dim for name in _DIM_ARGS})
-_HEAD_RULES.update({
-    "linear": _rule_linear, "batch_norm1d": _rule_module_swap, "batch_norm2d": _rule_module_swap,
-    "conv2d": _rule_module_swap, "layer_norm": _rule_layer_norm, "getitem": _rule_getitem,
-    "permute": _rule_permute, "transpose": _rule_permute,
-})
+# The rule for each kind of head rewrite; which operations are of which kind is in convify.ops (Op.head).
+_HEAD_RULES = {
+    "elementwise": _rule_elementwise, "binary": _rule_binary, "to_vector": _rule_to_vector, "dim": _rule_dim,
+    "linear": _rule_linear, "module": _rule_module_swap, "layer_norm": _rule_layer_norm,
+    "getitem": _rule_getitem, "permute": _rule_permute,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -675,7 +658,7 @@ _HEAD_RULES.update({
 
 
 def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
-    """Every operation must be one convify can describe, save and load (see :mod:`convify.serialize`)."""
+    """Every operation must be one convify can describe, save and load (the table in :mod:`convify.ops`)."""
     found = unsupported_node(gm)
     if found is None:
         return

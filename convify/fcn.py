@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -9,10 +10,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, NamedTuple, Optional, Union
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from .errors import ModelLoadError, OutputExistsError
+from . import limits
+from .errors import LimitError, ModelLoadError, OutputExistsError
 from .geometry import Geometry
 from .serialize import graph_from_data, graph_to_data
 
@@ -104,7 +105,7 @@ class FullyConvNet(nn.Module):
             raise OutputExistsError(f"{path} already exists; use --force (force=True) to overwrite it")
         description, tensors = graph_to_data(self.net)
         header = {
-            "format": FORMAT, "version": VERSION, "graph": json.loads(description),
+            "format": FORMAT, "version": VERSION, "graph": description,
             "geometry": self.geometry.to_dict(), "meta": asdict(self.meta),
             "rewrites": [list(r) for r in self.rewrites], "check": self.check,
         }
@@ -136,7 +137,7 @@ def is_convify_file(path: Union[str, os.PathLike]) -> bool:
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any file torch cannot read is simply not ours
         return False
     return isinstance(payload, dict) and isinstance(payload.get("convify"), str)
 
@@ -144,18 +145,24 @@ def is_convify_file(path: Union[str, os.PathLike]) -> bool:
 def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> FullyConvNet:
     """Read a file written by :meth:`FullyConvNet.save`. Runs no code from the file.
 
-    The file is read with ``torch.load(..., weights_only=True)`` and its graph rebuilt from an allowlist of
-    operations, so it loads without the original model's classes and refuses anything else.
+    The file is read with ``torch.load(..., weights_only=True)``; its header is checked field by field
+    (types, ranges, counts, layer sizes against the tensors present) before anything is built, and the
+    network is rebuilt by :func:`convify.serialize.graph_from_data`, which interprets the stored graph with
+    operations from :mod:`convify.ops` alone (no generated source). It loads without the original model's
+    classes.
 
     Raises:
-        ModelLoadError: the file does not exist, is not a convify file, or names a disallowed operation.
+        ModelLoadError: the file does not exist, is not a convify file, breaks the schema (the message
+            names the field), or names an operation convify does not allow.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"no such file: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
+    except MemoryError:
+        raise ModelLoadError(f"out of memory reading {path}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types; the user needs the reason
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelLoadError(f"{path} is not a convify file ({reason}); "
                              "convert a model first with `convify convert`") from None
@@ -163,20 +170,145 @@ def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] =
             or not isinstance(payload.get("tensors"), dict):
         raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`")
     try:
-        header = json.loads(payload["convify"])
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`")
-        if header.get("version") != VERSION:
-            raise ModelLoadError(f"{path} was written by another version of convify (format "
-                                 f"{header.get('version')}); convert the model again")
-        meta = header["meta"]
-        meta = ModelMeta(**{**meta, "mean": tuple(meta["mean"]), "std": tuple(meta["std"])})
-        geometry = Geometry.from_dict(header["geometry"])
-        rewrites = [Rewrite(*r) for r in header.get("rewrites", [])]
-        graph = json.dumps(header["graph"])
-        net = graph_from_data(graph, payload["tensors"])
-    except ModelLoadError:
-        raise
-    except Exception as e:  # any other shape of header is damage: say so, whatever Python raised
-        raise ModelLoadError(f"{path} is a corrupt convify file ({type(e).__name__}: {e})") from None
-    return FullyConvNet(net, geometry, meta, rewrites, header.get("check"))
+        return _from_payload(payload)
+    except _NotOurs:
+        raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`") from None
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path} {e}" if str(e).startswith("was ") else f"{path}: {e}") from None
+    except (ValueError, RecursionError) as e:  # the schema's messages name the field
+        raise ModelLoadError(f"{path} is a corrupt convify file: {str(e)[:300]}") from None
+    except MemoryError:
+        raise ModelLoadError(f"out of memory loading {path}") from None
+
+
+class _NotOurs(Exception):
+    """The file is a torch file, but no convify file."""
+
+
+_HEADER_FIELDS = {"format", "version", "graph", "geometry", "meta", "rewrites", "check"}
+
+
+def _from_payload(payload: dict) -> FullyConvNet:
+    """Check a loaded file's header and tensors against the schema, then build the network."""
+    text = payload["convify"]
+    if len(text) > limits.MAX_HEADER_BYTES:
+        raise ModelLoadError(f"the header is {len(text)} bytes; convify reads at most {limits.MAX_HEADER_BYTES} "
+                             "(convify.limits.MAX_HEADER_BYTES)")
+    header = json.loads(text)
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _NotOurs()
+    if header.get("version") != VERSION:
+        raise ModelLoadError(f"was written by another version of convify (format "
+                             f"{ascii(header.get('version'))[:20]}); convert the model again")
+    if set(header) != _HEADER_FIELDS:
+        raise ValueError(f"the header must have exactly the fields {', '.join(sorted(_HEADER_FIELDS))}")
+    tensors = _checked_tensors(payload["tensors"])
+    meta = _meta_from(header["meta"])
+    geometry = Geometry.from_dict(header["geometry"])
+    if geometry.window != meta.input_size:
+        raise ValueError(f"geometry.window {geometry.window} is not meta.input_size {meta.input_size}")
+    rewrites = _rewrites_from(header["rewrites"])
+    check = _check_from(header["check"])
+    net = graph_from_data(header["graph"], tensors)
+    return FullyConvNet(net, geometry, meta, rewrites, check)
+
+
+def _checked_tensors(tensors: dict) -> dict[str, torch.Tensor]:
+    """The file's tensors, each a plain tensor that owns the storage its shape claims, all finite, bounded."""
+    if len(tensors) > limits.MAX_TENSORS:
+        raise ModelLoadError(f"the file holds {len(tensors)} tensors; convify reads at most {limits.MAX_TENSORS}")
+    total = 0
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise ValueError("tensors must map names to tensors")
+        check_tensor(tensor, ascii(name)[1:-1][:80])
+        total += tensor.numel()
+        if total > limits.MAX_PARAMETERS:
+            raise LimitError(f"the network has over {limits.MAX_PARAMETERS} weights "
+                             "(convify.limits.MAX_PARAMETERS)")
+    return tensors
+
+
+def check_tensor(tensor: torch.Tensor, name: str) -> None:
+    """Refuse a tensor that claims more than it stores, or holds NaN/Inf.
+
+    A file can describe a tensor as a view with zero or overlapping strides over a tiny storage (a
+    3,000,000-class classifier from a few bytes): its shape is then a lie that later copies turn into
+    gigabytes. Every tensor must own at least ``numel`` elements of storage, without zero strides.
+
+    Raises:
+        ModelLoadError: naming the tensor.
+    """
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise ModelLoadError(f"tensor '{name}' is not a dense tensor")
+    if tensor.numel() == 0:
+        return
+    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
+        raise ModelLoadError(f"tensor '{name}' repeats one stored value along a dimension (an expanded view)")
+    reach = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    stored = tensor.untyped_storage().nbytes()
+    if (reach + 1) * tensor.element_size() > stored or tensor.numel() * tensor.element_size() > stored:
+        raise ModelLoadError(f"tensor '{name}' claims {tensor.numel()} elements but stores "
+                             f"{stored // tensor.element_size()}")
+    if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        raise ModelLoadError(f"tensor '{name}' holds NaN or infinite values")
+
+
+def _number(value: Any, where: str, positive: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise ValueError(f"{where} must be a finite{' positive' if positive else ''} number")
+    return float(value)
+
+
+def _text(value: Any, where: str, limit: int = 1000) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError(f"{where} must be a string of at most {limit} characters")
+    return value
+
+
+def _meta_from(data: Any) -> ModelMeta:
+    fields = {"arch", "input_size", "mean", "std", "classes"}
+    if not isinstance(data, dict) or set(data) != fields:
+        raise ValueError(f"meta must have exactly the fields {', '.join(sorted(fields))}")
+    size = data["input_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= limits.MAX_INPUT_SIZE:
+        raise ValueError(f"meta.input_size must be an integer from 1 to {limits.MAX_INPUT_SIZE}")
+    stats = {}
+    for key in ("mean", "std"):
+        values = data[key]
+        if not isinstance(values, list) or len(values) != 3:
+            raise ValueError(f"meta.{key} must be three numbers (R, G, B)")
+        stats[key] = tuple(_number(v, f"meta.{key}", positive=key == "std") for v in values)
+    classes = data["classes"]
+    if classes is not None:
+        if not isinstance(classes, list) or len(classes) > limits.MAX_CLASSES:
+            raise ValueError(f"meta.classes must be a list of at most {limits.MAX_CLASSES} names")
+        classes = [_text(c, "meta.classes[...]") for c in classes]
+    arch = None if data["arch"] is None else _text(data["arch"], "meta.arch", 200)
+    return ModelMeta(arch, size, stats["mean"], stats["std"], classes)
+
+
+def _rewrites_from(data: Any) -> list[Rewrite]:
+    if not isinstance(data, list) or len(data) > limits.MAX_GRAPH_NODES:
+        raise ValueError("rewrites must be a list")
+    rewrites = []
+    for entry in data:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise ValueError("each rewrite must be [layer, before, after]")
+        rewrites.append(Rewrite(*(_text(v, "rewrites[...]") for v in entry)))
+    return rewrites
+
+
+def _check_from(data: Any) -> Optional[dict]:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not {"max_abs_diff", "max_abs_diff_float64"} <= set(data) \
+            or not set(data) <= {"dtype", "max_abs_diff", "max_abs_diff_float64"}:
+        raise ValueError("check must be null or hold max_abs_diff and max_abs_diff_float64")
+    check = {"max_abs_diff": _number(data["max_abs_diff"], "check.max_abs_diff")}
+    check["max_abs_diff_float64"] = None if data["max_abs_diff_float64"] is None else \
+        _number(data["max_abs_diff_float64"], "check.max_abs_diff_float64")
+    if "dtype" in data:
+        check["dtype"] = _text(data["dtype"], "check.dtype", 40)
+    return check

@@ -28,8 +28,10 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .errors import ConversionError
-from .tracing import Layout, fetch_attr, node_arg, op_name, pair, probe_layouts, walk_inputs
+from . import limits
+from .errors import ConversionError, ConvifyError
+from .ops import op_for, op_name
+from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
 
 __all__ = ["Geometry", "analyse_geometry"]
 
@@ -87,9 +89,15 @@ class Geometry:
         return (self._axis_size(height, 0), self._axis_size(width, 1))
 
     def min_input_size(self) -> int:
-        """The smallest square input that gives at least a 1x1 map."""
+        """The smallest square input that gives at least a 1x1 map.
+
+        Raises:
+            ConvifyError: no input up to ``limits.MAX_SIDE`` pixels gives a map (a damaged geometry).
+        """
         lo, hi = 1, max(self.window, 1)
         while self._axis_size(hi, 0) < 1:
+            if hi > limits.MAX_SIDE:
+                raise ConvifyError(f"no input up to {limits.MAX_SIDE} px gives this network a map")
             hi *= 2
         while lo < hi:
             mid = (lo + hi) // 2
@@ -125,10 +133,75 @@ class Geometry:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Geometry":
-        layers = tuple({k: (tuple(v) if isinstance(v, list) else v) for k, v in layer.items()}
-                       for layer in data["layers"])
-        return cls(**{**data, "global_context": tuple(data["global_context"]), "layers": layers})
+    def from_dict(cls, data: Any) -> "Geometry":
+        """The geometry :meth:`to_dict` described, every field typed and range-checked.
+
+        Raises:
+            ValueError: naming the first field that is missing, of the wrong type or out of range.
+        """
+        if not isinstance(data, dict) or set(data) != _FIELDS:
+            raise ValueError(f"geometry must have exactly the fields {', '.join(sorted(_FIELDS))}")
+        big = limits.MAX_INPUT_SIZE * 64
+        values = {
+            "stride": _bounded(data, "stride", 1, limits.MAX_INPUT_SIZE),
+            "window": _bounded(data, "window", 1, limits.MAX_INPUT_SIZE),
+            "offset": _bounded(data, "offset", -big, big),
+            "receptive_field": _bounded(data, "receptive_field", 1, big),
+            "rf_offset": _bounded(data, "rf_offset", -big, big),
+            "local": _flag(data, "local"), "padded": _flag(data, "padded"),
+        }
+        context = data["global_context"]
+        if not isinstance(context, (list, tuple)) or len(context) > limits.MAX_GRAPH_NODES or \
+                not all(isinstance(c, str) and len(c) <= 200 for c in context):
+            raise ValueError("geometry.global_context must be a list of layer names")
+        layers = data["layers"]
+        if not isinstance(layers, (list, tuple)) or len(layers) > limits.MAX_GRAPH_NODES:
+            raise ValueError("geometry.layers must be a list")
+        checked = tuple(_layer(layer, index, big) for index, layer in enumerate(layers))
+        return cls(**values, global_context=tuple(context), layers=checked)
+
+
+_FIELDS = {"stride", "window", "offset", "receptive_field", "rf_offset", "local", "global_context", "padded",
+           "layers"}
+_WINDOW_KEYS = ("kernel", "stride", "pad_before", "pad_after", "dilation")
+
+
+def _bounded(data: dict, key: str, lo: int, hi: int, where: str = "geometry") -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{where}.{key} must be an integer from {lo} to {hi}, not {str(value)[:40]}")
+    return value
+
+
+def _flag(data: dict, key: str) -> bool:
+    if not isinstance(data.get(key), bool):
+        raise ValueError(f"geometry.{key} must be true or false")
+    return data[key]
+
+
+def _layer(layer: Any, index: int, big: int) -> dict:
+    """One checked entry of ``Geometry.layers`` (pairs as tuples); inputs must come before it."""
+    where = f"geometry.layers[{index}]"
+    if not isinstance(layer, dict) or layer.get("op") not in ("input", "window", "same"):
+        raise ValueError(f"{where} must have an op of input, window or same")
+    keys = {"op", "inputs"} | (set(_WINDOW_KEYS) | {"ceil_mode"} if layer["op"] == "window" else set())
+    inputs = layer.get("inputs")
+    if set(layer) != keys or not isinstance(inputs, (list, tuple)) or (layer["op"] == "input") != (index == 0) \
+            or (index > 0 and not inputs) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                     and 0 <= i < index for i in inputs):
+        raise ValueError(f"{where} must name its inputs among the layers before it")
+    checked: dict[str, Any] = {"op": layer["op"], "inputs": tuple(inputs)}
+    if layer["op"] == "window":
+        for key in _WINDOW_KEYS:
+            pair_ = layer[key]
+            lo = 0 if key.startswith("pad") else 1
+            if not isinstance(pair_, (list, tuple)) or len(pair_) != 2:
+                raise ValueError(f"{where}.{key} must be a pair of integers")
+            checked[key] = tuple(_bounded({key: v}, key, lo, big, where) for v in pair_)
+        if not isinstance(layer["ceil_mode"], bool):
+            raise ValueError(f"{where}.ceil_mode must be true or false")
+        checked["ceil_mode"] = layer["ceil_mode"]
+    return checked
 
 
 def _window_out(n: int, k: int, s: int, before: int, after: int, d: int, ceil_mode: bool) -> int:
@@ -142,17 +215,6 @@ def _window_out(n: int, k: int, s: int, before: int, after: int, d: int, ceil_mo
 
 # --------------------------------------------------------------------------------------------------
 # Reading the geometry off a graph
-
-# Operations that, applied to a map, compute each position from that position alone.
-_LOCAL = {
-    "relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "mish", "leaky_relu",
-    "elu", "selu", "celu", "softplus", "hardtanh", "prelu", "exp", "neg", "abs", "clamp", "sqrt", "pow", "log",
-    "add", "sub", "mul", "div", "truediv", "rsub", "maximum", "minimum", "cat", "stack", "getitem", "chunk",
-    "split", "permute", "transpose", "view", "reshape", "contiguous", "clone", "float", "flatten", "unsqueeze",
-    "squeeze", "batch_norm", "batch_norm2d", "linear", "softmax", "log_softmax", "local_response_norm",
-    "placeholder",
-}
-
 
 @dataclass(frozen=True)
 class _Span:
@@ -221,7 +283,8 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
             if not splits_map and not _same_size(layouts, node, mapped):
                 raise ConversionError(f"'{node.name}' ({name}) changes the map's size in a way convify cannot "
                                       "describe (only convolutions, pools and pads may)")
-            if name not in _LOCAL and not (name == "layer_norm" and _norm_is_local(net, node, layout)):
+            op = op_for(net, node)
+            if not (op is not None and op.local) and not (name == "layer_norm" and _norm_is_local(net, node, layout)):
                 global_context.append(node.name)  # normalises over the map (GroupNorm...) or unknown
             spans[node] = _merge(node, [spans[n] for n in mapped])
             layers.append({"op": "same", "inputs": tuple(index[n] for n in mapped)})

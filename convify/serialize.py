@@ -1,74 +1,59 @@
-"""A converted network as data: a graph description from an allowlist, plus tensors.
+"""A converted network as data, and the small interpreter that runs it again.
 
-A saved file never holds code. The graph is JSON: every node's operation is looked up by name in the
-tables below (torch.nn module classes, functions, tensor methods), every argument is a plain value, and
-every weight is a tensor in a dict read by ``torch.load(..., weights_only=True)``. A file that names
-anything else is refused, so loading one runs nothing from it.
+Saving (:func:`graph_to_data`) describes the converted ``torch.fx`` graph as JSON-able data: one entry per
+node naming its operation as a string from the table in :mod:`convify.ops`, its arguments as plain values
+(numbers, strings, nested lists, references to earlier nodes by name), and each layer by class name and
+constructor arguments. The weights are a flat dict of tensors.
+
+Loading (:func:`graph_from_data`) never generates or executes Python source (``torch.fx`` would: it
+pastes names into code it ``exec``\\ s). It checks the description against a schema, builds each layer on
+the ``meta`` device (so a layer that declares 3,000,000 channels allocates nothing), requires every layer's
+weights to be exactly the tensors the file holds, and returns a :class:`StoredGraph`: a module whose
+``forward`` walks the stored steps and calls only what the table allows (layers it built, functions by
+name, tensor methods on tensors).
 """
 from __future__ import annotations
 
-import builtins
 import inspect
-import json
-import keyword
-import operator
+import math
 import re
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from . import limits, ops
 from .errors import ConvifyError, ModelLoadError
-from .layers import PointwiseConv2d
 from .tracing import fetch_attr
 
-__all__ = ["graph_to_data", "graph_from_data", "unsupported_node"]
-
-_MODULES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
-    nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d,
-    nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Flatten, nn.Identity,
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Softmax, nn.LogSoftmax,
-    PointwiseConv2d,
-)}
-
-_FUNCTIONS_LIST: tuple[Callable, ...] = (
-    operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv,
-    operator.floordiv, operator.getitem, operator.neg, operator.eq, builtins.getattr,
-    torch.cat, torch.stack, torch.flatten, torch.permute, torch.transpose, torch.reshape, torch.squeeze,
-    torch.unsqueeze, torch.add, torch.sub, torch.mul, torch.div, torch.sigmoid, torch.tanh, torch.relu,
-    torch.exp, torch.clamp, torch.mean, torch.amax, torch.sum, torch.chunk, torch.split, torch.softmax,
-    torch.log_softmax, torch.narrow, torch.maximum, torch.minimum,
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish, F.leaky_relu,
-    F.elu, F.selu, F.celu, F.softplus, F.hardtanh, F.softmax, F.log_softmax, F.normalize, F.batch_norm,
-    F.layer_norm, F.group_norm, F.linear, F.conv2d, F.pad, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, F.local_response_norm,
-)
-
-
-def _key(function: Callable) -> str:
-    return f"{getattr(function, '__module__', None) or ''}.{getattr(function, '__name__', repr(function))}"
-
-
-_FUNCTIONS: dict[str, Callable] = {_key(f): f for f in _FUNCTIONS_LIST}
-
-_METHODS = frozenset({
-    "size", "dim", "view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "amax", "sum",
-    "mul", "mul_", "add", "add_", "sub", "div", "sigmoid", "sigmoid_", "relu", "relu_", "tanh", "softmax",
-    "log_softmax", "chunk", "split", "unsqueeze", "squeeze", "expand_as", "expand", "clamp", "clamp_", "exp",
-    "pow", "sqrt", "narrow", "float", "clone", "neg", "hardswish", "hardsigmoid", "flip",
-})
+__all__ = ["graph_to_data", "graph_from_data", "StoredGraph"]
 
 _SKIP_INIT_ARGS = {"self", "device", "dtype"}
+_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+# Bounds on what a description may contain (beyond convify.limits): nesting of arguments, items in one
+# node's arguments, length of a string argument, and size of an integer argument. Integers bound what a
+# graph can ask for by itself (``x.expand(10**12, ...)``, a pad of 10**9 pixels).
+_MAX_DEPTH = 8
+_MAX_ITEMS = 10_000
+_MAX_STRING = 100
+_MAX_INT = 1 << 24
+_NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+# A layer or tensor path: dot-separated parts as nn.Module names them (identifiers, Sequential's digits,
+# torchvision RegNet's "block1-0"). Never pasted into source; still, nothing else is a name.
+_PART = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}"
+_PATH = re.compile(rf"{_PART}(\.{_PART}){{0,31}}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
 
 
 def _module_spec(module: nn.Module, target: str) -> dict[str, Any]:
     """``{"class": name, "kwargs": {...}}``: enough to rebuild the module before loading its state_dict."""
     cls = type(module)
-    if _MODULES.get(cls.__name__) is not cls:
+    if ops.module_class(cls.__name__) is not cls:
         raise ConvifyError(f"cannot save layer '{target}' of type {cls.__module__}.{cls.__name__}: only "
                            "torch.nn layers convify knows can be saved")
     kwargs = {}
@@ -107,64 +92,27 @@ def _encode(value: Any) -> Any:
     raise ConvifyError(f"cannot save an argument of type {type(value).__name__} ({value!r})")
 
 
-def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) != 1:
-        raise ModelLoadError(f"converted file is corrupt: unexpected argument {value!r}")
-    (kind, payload), = value.items()
-    if kind == "node":
-        if payload not in nodes:
-            raise ModelLoadError(f"converted file is corrupt: node '{payload}' used before it is defined")
-        return nodes[payload]
-    if kind == "tuple":
-        return tuple(_decode(v, nodes) for v in payload)
-    if kind == "dict":
-        return {_decode(k, nodes): _decode(v, nodes) for k, v in payload}
-    if kind == "slice":
-        return slice(*(_decode(v, nodes) for v in payload))
-    if kind == "ellipsis":
-        return Ellipsis
-    if kind in ("dtype", "memory_format"):
-        result = getattr(torch, str(payload), None)
-        if not isinstance(result, (torch.dtype, torch.memory_format)):
-            raise ModelLoadError(f"converted file is corrupt: unknown {kind} {payload!r}")
-        return result
-    raise ModelLoadError(f"converted file is corrupt: unknown argument kind {kind!r}")
+def graph_to_data(net: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Describe a converted network as JSON-able data and a flat dict of tensors.
 
-
-def unsupported_node(net: fx.GraphModule) -> Optional[tuple[fx.Node, str]]:
-    """The first node whose operation is outside the allowlist, with a description of it; else None."""
-    for node in net.graph.nodes:
-        if node.op == "call_function" and _FUNCTIONS.get(_key(node.target)) is not node.target:
-            return node, _key(node.target)
-        if node.op == "call_method" and node.target not in _METHODS:
-            return node, f"Tensor.{node.target}"
-        if node.op == "call_module":
-            cls = type(net.get_submodule(node.target))
-            if _MODULES.get(cls.__name__) is not cls:
-                return node, f"{cls.__module__}.{cls.__name__}"
-    return None
-
-
-def graph_to_data(net: fx.GraphModule) -> tuple[str, dict[str, torch.Tensor]]:
-    """Describe ``net`` as a JSON string and a flat dict of tensors.
+    Args:
+        net: the ``torch.fx.GraphModule`` that :func:`convify.convert` made, or a :class:`StoredGraph`.
 
     Raises:
-        ConvifyError: the graph uses an operation outside the allowlist.
+        ConvifyError: the graph uses an operation outside the table in :mod:`convify.ops`.
     """
-    nodes, modules = [], {}
     tensors = {name: t.detach().clone() for name, t in net.state_dict().items()}
+    if isinstance(net, StoredGraph):
+        return net.description, tensors
+    nodes, modules = [], {}
     for node in net.graph.nodes:
         target: Any = node.target
         if node.op == "call_function":
-            target = _key(node.target)
-            if _FUNCTIONS.get(target) is not node.target:
+            target = ops.function_key(node.target)
+            if ops.op_for(net, node) is None:
                 raise ConvifyError(f"cannot save: operation {target} (node '{node.name}') is not one convify "
                                    "knows to be safe")
-        elif node.op == "call_method" and node.target not in _METHODS:
+        elif node.op == "call_method" and ops.resolve_method(node.target) is None:
             raise ConvifyError(f"cannot save: tensor method .{node.target}() (node '{node.name}') is not one "
                                "convify knows to be safe")
         elif node.op == "call_module":
@@ -176,90 +124,335 @@ def graph_to_data(net: fx.GraphModule) -> tuple[str, dict[str, torch.Tensor]]:
             tensors[node.target] = value.detach().clone()
         nodes.append({"name": node.name, "op": node.op, "target": target,
                       "args": _encode(node.args), "kwargs": _encode(node.kwargs)})
-    return json.dumps({"nodes": nodes, "modules": modules}), tensors
+    return {"nodes": nodes, "modules": modules}, tensors
 
 
-# fx writes node names, placeholder names, keyword names and attribute paths into Python source that it
-# exec()s; a file may only use names that cannot be anything but names.
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+# --------------------------------------------------------------------------------------------------
+# The interpreter
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A reference to the value of step ``index`` inside a step's arguments."""
+
+    index: int
+
+
+@dataclass
+class _Step:
+    """One node: ``kind`` is the fx op; ``call`` the function, method name, layer or tensor path."""
+
+    name: str
+    kind: str
+    call: Any
+    args: tuple
+    kwargs: dict
+    frees: tuple[int, ...] = ()  # values no later step reads: dropped after this one
+
+
+def _substitute(value: Any, env: list) -> Any:
+    if isinstance(value, _Ref):
+        return env[value.index]
+    if isinstance(value, tuple):
+        return tuple(_substitute(v, env) for v in value)
+    if isinstance(value, list):
+        return [_substitute(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, env) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_substitute(value.start, env), _substitute(value.stop, env), _substitute(value.step, env))
+    return value
+
+
+class StoredGraph(nn.Module):
+    """A converted network rebuilt from a file: ``(N, 3, H, W) -> (N, classes, H', W')`` (or a tuple of maps).
+
+    Its layers sit at the paths the file names (``features.0``), so ``state_dict()`` keys are the
+    original's. ``forward`` runs the stored steps in order and calls nothing but the layers built at load,
+    functions and tensor methods from :mod:`convify.ops`; no Python source is generated.
+
+    Attributes:
+        description: the graph as the file describes it (saved again unchanged by :func:`graph_to_data`).
+    """
+
+    def __init__(self, description: dict[str, Any], steps: list[_Step], output: Any) -> None:
+        super().__init__()
+        self.description = description
+        self._steps = steps
+        self._output = output
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """Run the graph on ``x``, ``(N, 3, H, W)``."""
+        env: list[Any] = [None] * len(self._steps)
+        for index, step in enumerate(self._steps):
+            if step.kind == "placeholder":
+                env[index] = x
+                continue
+            args, kwargs = _substitute(step.args, env), _substitute(step.kwargs, env)
+            if step.kind == "call_function":
+                env[index] = step.call(*args, **kwargs)
+            elif step.kind == "call_method":
+                if not args or not isinstance(args[0], torch.Tensor):
+                    raise TypeError(f"step '{step.name}' calls .{step.call}() on a "
+                                    f"{type(args[0]).__name__ if args else 'nothing'}, not a tensor")
+                env[index] = getattr(args[0], step.call)(*args[1:], **kwargs)
+            elif step.kind == "call_module":
+                env[index] = self.get_submodule(step.call)(*args, **kwargs)
+            else:  # get_attr
+                env[index] = fetch_attr(self, step.call)
+            for freed in step.frees:
+                env[freed] = None
+        return _substitute(self._output, env)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: schema checks, then the interpreter
+
+
+def _corrupt(message: str) -> ModelLoadError:
+    return ModelLoadError(f"converted file is corrupt: {message}")
 
 
 def _check_name(value: Any, pattern: re.Pattern, what: str) -> str:
-    if not isinstance(value, str) or not pattern.fullmatch(value) or keyword.iskeyword(value):
-        raise ModelLoadError(f"converted file names a {what} {str(value)[:40]!r}, which is not a plain name; "
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ModelLoadError(f"converted file names a {what} {ascii(str(value))[:60]}, which is not a plain name; "
                              "it was not written by convify")
     return value
 
 
-def _check_kwargs(kwargs: Any) -> dict:
-    if not isinstance(kwargs, dict):
-        raise ModelLoadError("converted file is corrupt: keyword arguments are not a mapping")
-    for key in kwargs:
-        _check_name(key, _NAME, "keyword argument")
-    return kwargs
+class _Decoder:
+    """Turns a node's stored arguments into values, counting items and checking every leaf."""
+
+    def __init__(self, names: dict[str, int], where: str) -> None:
+        self.names, self.where, self.items = names, where, 0
+
+    def __call__(self, value: Any, depth: int = 0) -> Any:
+        self.items += 1
+        if depth > _MAX_DEPTH or self.items > _MAX_ITEMS:
+            raise _corrupt(f"{self.where} has arguments nested or sized beyond what convify writes")
+        if value is None or isinstance(value, (bool, float)):
+            if isinstance(value, float) and math.isnan(value):
+                raise _corrupt(f"{self.where} has a NaN argument")
+            return value
+        if isinstance(value, int):
+            if abs(value) > _MAX_INT:
+                raise _corrupt(f"{self.where} has the integer argument {value}, beyond {_MAX_INT}")
+            return value
+        if isinstance(value, str):
+            if len(value) > _MAX_STRING:
+                raise _corrupt(f"{self.where} has a string argument of {len(value)} characters")
+            return value
+        if isinstance(value, list):
+            return [self(v, depth + 1) for v in value]
+        if not isinstance(value, dict) or len(value) != 1:
+            raise _corrupt(f"{self.where} has an unexpected argument {ascii(value)[:60]}")
+        (kind, payload), = value.items()
+        if kind == "node":
+            if not isinstance(payload, str) or payload not in self.names:
+                raise _corrupt(f"{self.where} uses node {ascii(payload)[:60]} before it is defined")
+            return _Ref(self.names[payload])
+        if kind in ("tuple", "dict", "slice") and not isinstance(payload, list):
+            raise _corrupt(f"{self.where} has a {kind} argument that is not a list")
+        if kind == "tuple":
+            return tuple(self(v, depth + 1) for v in payload)
+        if kind == "dict":
+            if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in payload):
+                raise _corrupt(f"{self.where} has a malformed dict argument")
+            return {_check_name(k, _NODE_NAME, "keyword"): self(v, depth + 1) for k, v in payload}
+        if kind == "slice":
+            if len(payload) != 3:
+                raise _corrupt(f"{self.where} has a malformed slice argument")
+            return slice(*(self(v, depth + 1) for v in payload))
+        if kind == "ellipsis":
+            return Ellipsis
+        if kind in ("dtype", "memory_format"):
+            found = getattr(torch, payload, None) if isinstance(payload, str) and _NODE_NAME.fullmatch(payload) \
+                else None
+            if not isinstance(found, (torch.dtype, torch.memory_format)):
+                raise _corrupt(f"{self.where} has an unknown {kind} {ascii(payload)[:40]}")
+            return found
+        raise _corrupt(f"{self.where} has an unknown argument kind {ascii(kind)[:40]}")
 
 
-def graph_from_data(description: str, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Rebuild the GraphModule described by :func:`graph_to_data`; only allowlisted operations.
+def _build_module(target: str, spec: Any, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Build one layer on the meta device, check its weights against the file's, then load them."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs", {}), dict):
+        raise _corrupt(f"layer '{target}' is not described by a class and arguments")
+    cls = ops.module_class(spec.get("class")) if isinstance(spec.get("class"), str) else None
+    if cls is None:
+        raise ModelLoadError(f"converted file names layer type {ascii(spec.get('class'))[:60]}, which convify "
+                             "does not allow; it was not written by convify")
+    allowed = set(inspect.signature(cls.__init__).parameters) - _SKIP_INIT_ARGS
+    decode = _Decoder({}, f"layer '{target}'")
+    kwargs = {}
+    for key, value in spec.get("kwargs", {}).items():
+        if key not in allowed:
+            raise _corrupt(f"layer '{target}' ({cls.__name__}) has no argument {ascii(key)[:40]}")
+        kwargs[key] = decode(value)
+    try:
+        with torch.device("meta"):  # declares shapes, allocates nothing
+            module = cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - constructors raise TypeError/ValueError/RuntimeError/...
+        raise _corrupt(f"cannot build {cls.__name__} for layer '{target}': {str(e).splitlines()[0][:120]}") from None
+    expected = module.state_dict()
+    own = {k[len(target) + 1:]: v for k, v in tensors.items() if k.startswith(target + ".")}
+    for key, value in expected.items():
+        if key not in own:
+            raise _corrupt(f"tensor '{target}.{key}' is missing")
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise _corrupt(f"layer '{target}' ({cls.__name__}) declares '{key}' of shape {tuple(value.shape)}, "
+                           f"but the file holds {tuple(own[key].shape)}")
+    module.load_state_dict({k: own[k] for k in expected}, strict=True, assign=True)
+    return module.eval()
+
+
+def _attach(root: nn.Module, path: str, value: Union[nn.Module, torch.Tensor]) -> None:
+    """Put a layer or tensor at a dotted path under ``root``, making plain containers on the way."""
+    *parents, leaf = path.split(".")
+    owner = root
+    for part in parents:
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    if isinstance(value, nn.Module):
+        owner.add_module(leaf, value)
+    else:
+        owner.register_buffer(leaf, value)
+
+
+def graph_from_data(description: Any, tensors: dict[str, torch.Tensor]) -> StoredGraph:
+    """Rebuild the network :func:`graph_to_data` described; only operations from :mod:`convify.ops`.
+
+    Args:
+        description: the ``{"nodes": [...], "modules": {...}}`` data.
+        tensors: every weight, by path; each must belong to a layer or be read by a ``get_attr`` node.
 
     Raises:
-        ModelLoadError: the description names anything outside the allowlist, or is inconsistent.
+        ModelLoadError: the description breaks the schema (the message names the field), names anything
+            outside the table, or does not match the tensors.
     """
+    if not isinstance(description, dict) or not isinstance(description.get("nodes"), list) \
+            or not isinstance(description.get("modules"), dict):
+        raise _corrupt("the graph is not a list of nodes and a table of layers")
+    node_list, module_specs = description["nodes"], description["modules"]
+    if len(node_list) > limits.MAX_GRAPH_NODES or len(module_specs) > limits.MAX_GRAPH_NODES:
+        raise ModelLoadError(f"converted file has {len(node_list)} nodes and {len(module_specs)} layers; convify "
+                             f"reads at most {limits.MAX_GRAPH_NODES} (convify.limits.MAX_GRAPH_NODES)")
+    for name in tensors:
+        _check_name(name, _PATH, "tensor")
+    root = nn.Module()
     try:
-        data = json.loads(description)
-        node_list, module_specs = data["nodes"], data["modules"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"converted file is corrupt: {e}") from None
-    root: dict[str, Any] = {}
-    for target, spec in module_specs.items():
-        _check_name(target, _PATH, "layer")
-        cls = _MODULES.get(spec.get("class"))
-        if cls is None:
-            raise ModelLoadError(f"converted file names layer type {spec.get('class')!r}, which convify does "
-                                 "not allow; it was not written by convify")
-        kwargs = {k: _decode(v, {}) for k, v in _check_kwargs(spec.get("kwargs", {})).items()}
-        try:
-            root[target] = cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"converted file is corrupt: cannot build {cls.__name__}({kwargs}): {e}") from None
-    graph = fx.Graph()
-    nodes: dict[str, fx.Node] = {}
-    for entry in node_list:
-        op, target, name = entry["op"], entry["target"], _check_name(entry["name"], _NAME, "node")
-        args, kwargs = _decode(entry["args"], nodes), _check_kwargs(_decode(entry["kwargs"], nodes))
-        if not isinstance(args, (list, tuple)):
-            raise ModelLoadError(f"converted file is corrupt: node '{name}' has arguments {args!r}")
-        if op == "call_function":
-            if target not in _FUNCTIONS:
-                raise ModelLoadError(f"converted file uses operation {target!r}, which convify does not allow")
-            target = _FUNCTIONS[target]
+        for target, spec in module_specs.items():
+            _attach(root, _check_name(target, _PATH, "layer"), _build_module(target, spec, tensors))
+    except (KeyError, AttributeError, TypeError) as e:  # a path that clashes with another or with nn.Module's own
+        raise _corrupt(f"layer paths clash ({str(e)[:80]})") from None
+    names: dict[str, int] = {}
+    steps: list[_Step] = []
+    output: Any = None
+    used = {f"{t}.{k}" for t in module_specs for k in root.get_submodule(t).state_dict()}
+    for position, entry in enumerate(node_list):
+        if not isinstance(entry, dict) or set(entry) != {"name", "op", "target", "args", "kwargs"}:
+            raise _corrupt(f"node {position} is not a name, op, target, args and kwargs")
+        name = _check_name(entry["name"], _NODE_NAME, "node")
+        op, target = entry["op"], entry["target"]
+        if name in names:
+            raise _corrupt(f"node '{name}' is defined twice")
+        if op not in _OPS:
+            raise ModelLoadError(f"converted file uses graph operation {ascii(op)[:40]}, which convify does not allow")
+        if output is not None:
+            raise _corrupt("nodes follow the output")
+        decode = _Decoder(names, f"node '{name}'")
+        args, kwargs = decode(entry["args"]), decode(entry["kwargs"])
+        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+            raise _corrupt(f"node '{name}' has arguments {ascii(entry['args'])[:60]}")
+        if op == "output":
+            if len(args) != 1:
+                raise _corrupt("the output node has no value")
+            output = args[0]
+            continue
+        if op == "placeholder":
+            if steps:
+                raise _corrupt("the input is not the first node, or there are several inputs")
+            _check_name(target, _NODE_NAME, "input")
+            call: Any = None
+        elif op == "call_function":
+            call = ops.resolve_function(target) if isinstance(target, str) else None
+            if call is None:
+                raise ModelLoadError(f"converted file uses operation {ascii(target)[:60]}, which convify does not "
+                                     "allow")
         elif op == "call_method":
-            if target not in _METHODS:
-                raise ModelLoadError(f"converted file uses tensor method {target!r}, which convify does not allow")
-        elif op == "placeholder":
-            _check_name(target, _NAME, "input")
+            if not isinstance(target, str) or ops.resolve_method(target) is None:
+                raise ModelLoadError(f"converted file uses tensor method {ascii(target)[:60]}, which convify does "
+                                     "not allow")
+            call = target
         elif op == "call_module":
-            if target not in root:
-                raise ModelLoadError(f"converted file is corrupt: layer '{target}' is not described")
-        elif op == "get_attr":
+            if not isinstance(target, str) or target not in module_specs:
+                raise _corrupt(f"layer {ascii(target)[:60]} is not described")
+            call = target
+        else:  # get_attr
             _check_name(target, _PATH, "tensor")
             if target not in tensors:
-                raise ModelLoadError(f"converted file is corrupt: tensor '{target}' is missing")
-            root[target] = tensors[target]
-        elif op == "output":
-            graph.output(args[0])
-            continue
-        else:
-            raise ModelLoadError(f"converted file uses graph operation {op!r}, which convify does not allow")
-        nodes[name] = graph.create_node(op, target, tuple(args), dict(kwargs), name)
-    try:
-        graph.lint()
-        net = fx.GraphModule(root, graph, class_name="FullyConvGraph")
-        module_state = {k: v for k, v in tensors.items() if k in net.state_dict()}
-        net.load_state_dict(module_state, strict=True)
-    except ModelLoadError:
-        raise
-    except Exception as e:
-        raise ModelLoadError(f"converted file is corrupt: {str(e).splitlines()[0]}") from None
+                raise _corrupt(f"tensor '{target}' is missing")
+            if target not in used:
+                try:
+                    _attach(root, target, tensors[target])
+                except (KeyError, AttributeError, TypeError) as e:
+                    raise _corrupt(f"tensor path '{target}' clashes ({str(e)[:80]})") from None
+                used.add(target)
+            call = target
+        _check_operands(name, op, call, tuple(args))
+        names[name] = len(steps)
+        steps.append(_Step(name, op, call, tuple(args), kwargs))
+    if output is None or not steps or steps[0].kind != "placeholder":
+        raise _corrupt("the graph has no input or no output")
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise _corrupt(f"tensor '{unused[0]}' belongs to no layer of the graph")
+    _plan_frees(steps, output)
+    net = StoredGraph(description, steps, output)
+    for name, child in root.named_children():
+        net.add_module(name, child)
+    for name, buffer in root.named_buffers(recurse=False):
+        net.register_buffer(name, buffer)
     return net.eval()
+
+
+def _check_operands(name: str, op: str, call: Any, args: tuple) -> None:
+    """What the table guards at run time, checked at load where the file states it literally.
+
+    A method is called on a node's value, never on a constant from the file; ``getattr`` names a tensor
+    attribute from :data:`convify.ops.TENSOR_ATTRIBUTES`; indexing applies to a node's value.
+    """
+    if op == "call_method" or call in (ops.resolve_function("_operator.getitem"),
+                                       ops.resolve_function("builtins.getattr")):
+        if not args or not isinstance(args[0], _Ref):
+            raise ModelLoadError(f"converted file applies node '{name}' to a constant, not to a computed value; "
+                                 "convify does not allow it")
+    if call is ops.resolve_function("builtins.getattr") and (len(args) != 2 or args[1] not in ops.TENSOR_ATTRIBUTES):
+        raise ModelLoadError(f"converted file reads attribute {ascii(args[1:])[:60]} at node '{name}'; only "
+                             f"{', '.join(sorted(ops.TENSOR_ATTRIBUTES))} of a tensor may be read")
+
+
+def _refs(value: Any) -> list[int]:
+    if isinstance(value, _Ref):
+        return [value.index]
+    if isinstance(value, (tuple, list)):
+        return [i for v in value for i in _refs(v)]
+    if isinstance(value, dict):
+        return [i for v in value.values() for i in _refs(v)]
+    if isinstance(value, slice):
+        return _refs((value.start, value.stop, value.step))
+    return []
+
+
+def _plan_frees(steps: list[_Step], output: Any) -> None:
+    """Mark on each step the values it is the last to read, so a forward keeps only live tensors."""
+    last: dict[int, int] = {}
+    for index, step in enumerate(steps):
+        for ref in _refs((step.args, step.kwargs)):
+            last[ref] = index
+    kept = set(_refs(output))
+    for index, step in enumerate(steps):
+        step.frees = tuple(ref for ref, at in last.items() if at == index and ref not in kept)

@@ -11,7 +11,6 @@ example input at the native size, so the trace follows the branch the model take
 from __future__ import annotations
 
 import keyword
-import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -21,9 +20,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
-from .layers import PointwiseConv2d
 
-__all__ = ["trace", "check_names", "op_name", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
+__all__ = ["trace", "check_names", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
            "walk_inputs", "node_arg", "pair"]
 
 
@@ -109,7 +107,7 @@ def pair(v: Any) -> tuple[int, int]:
 # What nn.Module itself produces as a layer, parameter or buffer name: a Python identifier, or a digit
 # string (nn.Sequential, nn.ModuleList). torch.fx pastes these names into the source it generates and
 # exec()s, so a name that is anything else (a quote, a newline, code) must never reach it.
-_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
 def check_names(model: nn.Module) -> None:
@@ -177,7 +175,7 @@ def _remove_eval_noops(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and node.target in (torch._assert, getattr(torch, "_check", None)):
             gm.graph.erase_node(node)
             continue
-        name = op_name(gm, node)
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
         is_noop = node.op == "call_module" and isinstance(gm.get_submodule(node.target), _DROPOUT_MODULES)
         if node.op == "call_function" and name in _DROPOUT_FUNCTIONS:
             position = _DROPOUT_FUNCTIONS[name]
@@ -193,43 +191,6 @@ def _remove_eval_noops(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-
-
-def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    """A short name for what a node computes, the same for every spelling of one operation.
-
-    ``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` are all ``"relu"``; ``operator.add``,
-    ``torch.add`` and ``x.add(y)`` are all ``"add"``. Placeholders, outputs and attributes return their op.
-    """
-    if node.op == "call_module":
-        return _MODULE_NAMES.get(type(gm.get_submodule(node.target)), type(gm.get_submodule(node.target)).__name__)
-    if node.op == "call_method":
-        return node.target.rstrip("_") if node.target.endswith("_") and not node.target.startswith("_") \
-            else node.target
-    if node.op == "call_function":
-        name = _FUNCTION_NAMES.get(node.target) or getattr(node.target, "__name__", str(node.target))
-        return name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
-    return node.op
-
-
-_FUNCTION_NAMES: dict[Callable, str] = {
-    operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.mul: "mul",
-    operator.imul: "mul", operator.truediv: "div", operator.getitem: "getitem",
-    operator.floordiv: "floordiv", operator.neg: "neg", torch.true_divide: "div",
-}
-
-_MODULE_NAMES: dict[type, str] = {
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-    nn.Hardsigmoid: "hardsigmoid", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Mish: "mish",
-    nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.SELU: "selu", nn.CELU: "celu", nn.Softplus: "softplus",
-    nn.Hardtanh: "hardtanh", nn.PReLU: "prelu", nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax",
-    nn.Flatten: "flatten", nn.Linear: "linear", nn.Conv2d: "conv2d", nn.BatchNorm2d: "batch_norm2d",
-    nn.BatchNorm1d: "batch_norm1d", nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm",
-    nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
-    nn.AdaptiveMaxPool2d: "adaptive_max_pool2d", nn.ZeroPad2d: "pad", nn.ConstantPad2d: "pad",
-    nn.ReflectionPad2d: "pad", nn.ReplicationPad2d: "pad", nn.LocalResponseNorm: "local_response_norm",
-    PointwiseConv2d: "conv2d",
-}
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:

@@ -177,8 +177,8 @@ def test_round_trip_keeps_outputs_meta_rewrites_and_check(tmp_path: Path, name: 
     for h, w in [(size, size), (size - 1, size + 7), (height, width), (2 * size + 3, size)]:
         assert loaded.output_size(h, w) == fcn.output_size(h, w)
     # the same layers, parameters and buffers
-    assert [(n, type(m)) for n, m in loaded.net.named_modules()][1:] == \
-        [(n, type(m)) for n, m in fcn.net.named_modules()][1:]
+    assert sorted((n, type(m).__name__) for n, m in loaded.net.named_modules() if n) == \
+        sorted((n, type(m).__name__) for n, m in fcn.net.named_modules() if n)
     state, loaded_state = fcn.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
     for key in state:
@@ -360,33 +360,175 @@ def test_a_placeholder_target_cannot_run_code_at_load(tmp_path: Path, saved: Pat
         _first(header, "placeholder")["target"] = "x=open('pwned', 'w')"
 
     path = _edit_header(saved, edit, tmp_path / "evil.convify")
-    try:
+    with pytest.raises(ModelLoadError, match="names a input .x=open.*not a plain name"):
         convify.load(path)
-    except ModelLoadError:
-        pass
     assert not (tmp_path / "pwned").exists(), "loading the file ran code from it"
 
 
-def test_a_layer_name_cannot_inject_code_into_forward(tmp_path: Path, saved: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # the injected code creates ./pwned
-    evil = 'fc2") and open("pwned", "w") and getattr(self, "fc2'  # no dots: fx splits layer names on them
+def _rename_layer(saved: Path, old: str, new: str, out: Path) -> Path:
+    """Rename layer ``old`` (and its weights) to ``new`` in a saved file."""
     payload = torch.load(saved, weights_only=True)
     header = json.loads(payload["convify"])
-    # rename layer 'right' (a 1x1 conv in the body) to the injected name, weights included
-    header["graph"]["modules"][evil] = header["graph"]["modules"].pop("right")
+    header["graph"]["modules"][new] = header["graph"]["modules"].pop(old)
     for node in header["graph"]["nodes"]:
-        if node["op"] == "call_module" and node["target"] == "right":
-            node["target"] = evil
-    payload["tensors"] = {(evil + k[len("right"):] if k.startswith("right.") else k): v
+        if node["op"] == "call_module" and node["target"] == old:
+            node["target"] = new
+    payload["tensors"] = {(new + k[len(old):] if k.startswith(old + ".") else k): v
                           for k, v in payload["tensors"].items()}
     payload["convify"] = json.dumps(header)
-    torch.save(payload, tmp_path / "evil.convify")
+    torch.save(payload, out)
+    return out
+
+
+@pytest.mark.parametrize("evil", [
+    'fc2") and open("pwned", "w") and getattr(self, "fc2',  # breaks out of fx's getattr(self, "...")
+    "fc2\nimport os",
+    "__class__",        # nn.Module's own attributes cannot be shadowed
+    "forward",
+    "training",
+])
+def test_a_layer_name_cannot_inject_code_or_shadow_attributes(tmp_path: Path, saved: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, evil: str) -> None:
+    monkeypatch.chdir(tmp_path)  # the injected code creates ./pwned
+    path = _rename_layer(saved, "right", evil, tmp_path / "evil.convify")
+    with pytest.raises(ModelLoadError, match="not a plain name|paths clash"):
+        convify.load(path)
+    assert not (tmp_path / "pwned").exists(), "loading the network ran code from the file"
+
+
+def test_layer_names_torch_makes_load_back_and_run_equal(tmp_path: Path) -> None:
+    """nn.Sequential's digits and torchvision RegNet's 'block1-0' are names torch makes: they load back."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
+    body.add_module("block1-0", nn.Conv2d(8, 8, 3, padding=1))
+    model = nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, NUM_CLASSES)).eval()
+    fcn = convify.convert(model, 32)
+    loaded = convify.load(fcn.save(tmp_path / "seq.convify"))
+    assert "0.block1-0" in dict(loaded.net.named_modules())
+    x = _image(53, 41)
+    torch.testing.assert_close(_run(loaded, x), _run(fcn, x), rtol=0, atol=0)
+    with torch.inference_mode():
+        expected = model(x[..., :32, :32])
+    torch.testing.assert_close(_run(loaded, x[..., :32, :32])[..., 0, 0], expected)
+
+
+def _graph_file(saved: Path, out: Path, nodes: list[dict], modules: Any = None) -> Path:
+    """A file whose graph is ``x`` then ``nodes``, returning the last of them."""
+    def edit(header: dict) -> None:
+        first = _first(header, "placeholder")
+        last = nodes[-1]["name"]
+        header["graph"]["nodes"] = [first, *nodes, {"name": "output", "op": "output", "target": "output",
+                                                    "args": {"tuple": [{"node": last}]}, "kwargs": {}}]
+        header["graph"]["modules"] = modules or {}
+
+    payload = torch.load(saved, weights_only=True)
+    payload["tensors"] = {}
+    torch.save(payload, out)
+    return _edit_header(out, edit, out)
+
+
+def _call(name: str, op: str, target: str, *args: Any, **kwargs: Any) -> dict:
+    return {"name": name, "op": op, "target": target, "args": {"tuple": list(args)},
+            "kwargs": {"dict": [[k, v] for k, v in kwargs.items()]}}
+
+
+_X = {"node": "x"}
+
+
+@pytest.mark.parametrize("nodes", [
+    # x.__class__.__reduce_ex__ ... __globals__["__builtins__"]["exec"]: the walk the issue reported
+    [_call("a", "call_function", "builtins.getattr", _X, "__class__"),
+     _call("b", "call_function", "builtins.getattr", {"node": "a"}, "__init__"),
+     _call("c", "call_function", "builtins.getattr", {"node": "b"}, "__globals__"),
+     _call("d", "call_function", "_operator.getitem", {"node": "c"}, "__builtins__")],
+    [_call("a", "call_function", "builtins.getattr", _X, "_version")],
+    [_call("a", "call_function", "builtins.getattr", "text", "shape")],
+    [_call("a", "call_function", "_operator.getitem", "open", 0)],
+    [_call("a", "call_method", "size", "a string")],
+    [_call("a", "call_method", "__getattribute__", _X, "__class__")],
+    [_call("a", "call_function", "builtins.exec", "open('pwned', 'w')")],
+    [_call("a", "call_function", "torch.load", "pwned")],
+    [_call("a", "call_method", "register_forward_hook", _X, 1)],
+    [_call("a", "get_attr", "__class__.__init__.__globals__")],
+], ids=["getattr-chain", "private-attribute", "getattr-of-constant", "getitem-of-constant",
+        "method-of-constant", "getattribute", "exec", "torch-load", "hook", "get-attr-path"])
+def test_a_graph_cannot_reach_python_from_the_input(tmp_path: Path, saved: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   nodes: list[dict]) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = _graph_file(saved, tmp_path / "evil.convify", nodes)
+    with pytest.raises(ModelLoadError):
+        convify.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("nodes", [
+    [_call("a", "call_function", "_operator.mul", "a", 10 ** 12)],        # a string times 10**12
+    [_call("a", "call_function", "_operator.add", [1], [2])],             # lists are not operands
+])
+def test_operators_take_tensors_and_numbers_only(tmp_path: Path, saved: Path, nodes: list[dict]) -> None:
+    path = _graph_file(saved, tmp_path / "evil.convify", nodes)
     try:
-        _run(convify.load(tmp_path / "evil.convify"), _image(32, 32))
-    except Exception:
-        pass
-    assert not (tmp_path / "pwned").exists(), "calling the loaded network ran code from the file"
+        net = convify.load(path)
+    except ModelLoadError:
+        return
+    with pytest.raises(TypeError, match="not allowed in a converted network"):
+        _run(net, _image(32, 32))
+
+
+def test_a_layer_declaring_more_channels_than_its_weights_allocates_nothing(tmp_path: Path, saved: Path) -> None:
+    """A tiny file declaring Conv2d(8 -> 3,000,000) is refused before any layer is built for real."""
+    def edit(header: dict) -> None:
+        header["graph"]["modules"]["left"]["kwargs"]["out_channels"] = 3_000_000
+
+    with pytest.raises(ModelLoadError, match=r"'left' \(Conv2d\) declares 'weight' of shape \(3000000, 8, 3, 3\)"):
+        convify.load(_edit_header(saved, edit, tmp_path / "big.convify"))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda t: t.__setitem__("fc2.weight", torch.zeros(1).expand(NUM_CLASSES, 16)), "expanded view"),
+    (lambda t: t.__setitem__("fc2.weight", torch.zeros(20).as_strided((NUM_CLASSES, 16), (1, 1))),
+     "claims 80 elements but stores 20"),
+    (lambda t: t["fc2.weight"].__setitem__((0, 0), float("nan")), "NaN or infinite"),
+    (lambda t: t["stem.1.running_var"].__setitem__(0, float("inf")), "NaN or infinite"),
+    (lambda t: t.__setitem__("extra", torch.zeros(3)), "belongs to no layer"),
+])
+def test_tensors_that_lie_or_are_not_finite_are_refused(tmp_path: Path, saved: Path, tamper: Callable,
+                                                        message: str) -> None:
+    payload = torch.load(saved, weights_only=True)
+    tamper(payload["tensors"])
+    torch.save(payload, tmp_path / "bad.convify")
+    with pytest.raises(ModelLoadError, match=message):
+        convify.load(tmp_path / "bad.convify")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda h: h["geometry"].update(stride=0), "geometry.stride"),
+    (lambda h: h["geometry"].update(stride=10 ** 30), "geometry.stride"),
+    (lambda h: h["geometry"].update(window="224"), "geometry.window"),
+    (lambda h: h["geometry"]["layers"][1].update(stride=[0, 0]), r"geometry.layers\[1\].stride"),
+    (lambda h: h["geometry"]["layers"][1].update(inputs=[5]), r"geometry.layers\[1\]"),
+    (lambda h: h["geometry"].update(local="yes"), "geometry.local"),
+    (lambda h: h["meta"].update(input_size=10 ** 12), "meta.input_size"),
+    (lambda h: h["meta"].update(std=[0, 1, 1]), "meta.std"),
+    (lambda h: h["meta"].update(mean=[1, 2]), "meta.mean"),
+    (lambda h: h["meta"].update(classes=[1, 2, 3]), r"meta.classes"),
+    (lambda h: h["meta"].update(classes=["x"] * 200_000), "meta.classes"),
+    (lambda h: h["meta"].update(arch=["list"]), "meta.arch"),
+    (lambda h: h.update(rewrites=[[1, 2, 3]]), "rewrites"),
+    (lambda h: h.update(check={"max_abs_diff": "small", "max_abs_diff_float64": None}), "check.max_abs_diff"),
+    (lambda h: h.update(extra=1), "the header must have exactly"),
+])
+def test_every_header_field_is_typed_and_range_checked(tmp_path: Path, saved: Path, edit: Callable,
+                                                       field: str) -> None:
+    with pytest.raises(ModelLoadError, match=field):
+        convify.load(_edit_header(saved, edit, tmp_path / "bad.convify"))
+
+
+def test_argument_integers_are_bounded(tmp_path: Path, saved: Path) -> None:
+    """``x.expand(10**12, ...)`` or a pad of 10**9 px: integers in a graph are bounded at load."""
+    nodes = [_call("a", "call_function", "torch.nn.functional.pad", _X, {"tuple": [10 ** 9, 0, 0, 0]})]
+    with pytest.raises(ModelLoadError, match="integer argument 1000000000"):
+        convify.load(_graph_file(saved, tmp_path / "pad.convify", nodes))
 
 
 # --------------------------------------------------------------------------------------------------

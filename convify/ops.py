@@ -1,0 +1,303 @@
+"""What convify knows about each operation, in one table.
+
+Every operation a converted network may contain has one :class:`Op` entry here: its spellings (the
+``torch.nn`` layer classes, functions and tensor methods that compute it), how it acts on a feature map
+(``local``: each position from that position alone; ``window``: it moves the geometry), and how the
+converter rewrites it when it meets it in the classifier head (``head``, ``dim``, ``pool``).
+
+The converter's allowlist, the geometry, the saved-file format and the loader all read this table:
+
+- :func:`op_name` gives a node its canonical name (``nn.ReLU``, ``F.relu``, ``torch.relu`` and
+  ``x.relu()`` are all ``"relu"``);
+- :func:`unsupported_node` is the converter's allowlist: a graph may hold only operations listed here;
+- :func:`function_key` / :func:`resolve_function`, :func:`resolve_method` and :func:`module_class` are how a
+  saved graph names operations and how the loader turns those names back into callables. Nothing else is
+  ever called: a function or method that is not in the table cannot be named by a file.
+
+Some spellings are *guarded*: ``getattr`` reads only a few shape attributes of a tensor, ``getitem`` only
+indexes tensors, tuples and lists of what operations return, and operators take only tensors and numbers.
+A file therefore cannot walk from a tensor to ``__class__``, ``__globals__`` or ``builtins``.
+
+Adding an operation is one entry in :data:`_TABLE`.
+"""
+from __future__ import annotations
+
+import builtins
+import numbers
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import PointwiseConv2d
+
+__all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
+           "resolve_method", "module_class", "module_classes", "TENSOR_ATTRIBUTES"]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation and everything convify knows about it.
+
+    Attributes:
+        name: the canonical name, shared by all spellings (``"relu"``).
+        modules: ``torch.nn`` layer classes that compute it.
+        functions: functions that compute it (``torch``, ``torch.nn.functional``, ``operator``).
+        methods: tensor method names that compute it (in-place forms included: ``"relu_"``).
+        local: applied to a feature map, it computes each position from that position alone (geometry:
+            an operation that is neither local nor windowed gives cells a view of the whole image).
+        window: it slides a window over the map (convolutions, pools, pads): it moves the geometry.
+        head: how the converter rewrites it in the classifier head, per position: ``"elementwise"``,
+            ``"binary"``, ``"to_vector"``, ``"dim"``, ``"linear"``, ``"module"``, ``"layer_norm"``,
+            ``"getitem"``, ``"permute"`` (rules in :mod:`convify.convert`); None: it has no head rewrite.
+        dim: for ``head="dim"``: the position of the ``dim`` argument and its default.
+        pool: ``"avg"`` or ``"max"`` when, at the end of the body, it is a global pool.
+        shape_query: it reads a shape (``x.size()``), not values.
+    """
+
+    name: str
+    modules: tuple[type, ...] = ()
+    functions: tuple[Callable, ...] = ()
+    methods: tuple[str, ...] = ()
+    local: bool = False
+    window: bool = False
+    head: Optional[str] = None
+    dim: Optional[tuple[int, Optional[int]]] = None
+    pool: Optional[str] = None
+    shape_query: bool = False
+
+
+# Tensor attributes a graph may read with getattr (fx records ``x.shape`` that way).
+TENSOR_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+
+
+def _tensor_getattr(obj: Any, name: Any) -> Any:
+    """``getattr`` limited to a tensor's shape attributes."""
+    if not isinstance(obj, torch.Tensor) or name not in TENSOR_ATTRIBUTES:
+        raise TypeError(f"getattr({type(obj).__name__}, {str(name)[:40]!r}) is not allowed in a converted network")
+    return getattr(obj, name)
+
+
+def _is_index(index: Any) -> bool:
+    if isinstance(index, tuple):
+        return all(_is_index(i) for i in index)
+    return index is None or index is Ellipsis or isinstance(index, (int, slice, torch.Tensor))
+
+
+def _safe_getitem(obj: Any, index: Any) -> Any:
+    """``obj[index]`` for tensors, shapes, and the tuples/lists that operations return."""
+    if not isinstance(obj, (torch.Tensor, tuple, list, torch.Size)) or not _is_index(index):
+        raise TypeError(f"indexing a {type(obj).__name__} with {type(index).__name__} is not allowed in a "
+                        "converted network")
+    return obj[index]
+
+
+def _is_operand(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, numbers.Number)) and not isinstance(value, complex)
+
+
+def _numeric(op: Callable) -> Callable:
+    """An operator limited to tensors and real numbers (no strings or lists: ``"a" * 10**12``)."""
+
+    def call(*args: Any) -> Any:
+        if not all(_is_operand(a) for a in args):
+            raise TypeError(f"{op.__name__} of {', '.join(type(a).__name__ for a in args)} is not allowed in a "
+                            "converted network")
+        return op(*args)
+
+    call.__name__ = call.__qualname__ = op.__name__
+    call.__module__ = "convify.ops"
+    return call
+
+
+def _elementwise(name: str, *, modules: tuple = (), functions: tuple = (), methods: tuple = ()) -> Op:
+    return Op(name, modules, functions, methods, local=True, head="elementwise")
+
+
+_TABLE: tuple[Op, ...] = (
+    # -- windowed: they move the geometry ----------------------------------------------------------
+    Op("conv2d", (nn.Conv2d, PointwiseConv2d), (F.conv2d,), window=True, head="module"),
+    Op("max_pool2d", (nn.MaxPool2d,), (F.max_pool2d,), window=True, pool="max"),
+    Op("avg_pool2d", (nn.AvgPool2d,), (F.avg_pool2d,), window=True, pool="avg"),
+    Op("pad", (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), (F.pad,), window=True),
+    # -- global pools: the boundary between body and head ------------------------------------------
+    Op("adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), (F.adaptive_avg_pool2d,), pool="avg"),
+    Op("adaptive_max_pool2d", (nn.AdaptiveMaxPool2d,), (F.adaptive_max_pool2d,), pool="max"),
+    Op("mean", (), (torch.mean,), ("mean",), pool="avg"),
+    Op("amax", (), (torch.amax,), ("amax",), pool="max"),
+    Op("sum", (), (torch.sum,), ("sum",)),
+    # -- per position ------------------------------------------------------------------------------
+    Op("linear", (nn.Linear,), (F.linear,), local=True, head="linear"),
+    Op("batch_norm2d", (nn.BatchNorm2d,), local=True, head="module"),
+    Op("batch_norm1d", (nn.BatchNorm1d,), local=True, head="module"),
+    Op("batch_norm", (), (F.batch_norm,), local=True, head="elementwise"),
+    Op("layer_norm", (nn.LayerNorm,), (F.layer_norm,), head="layer_norm"),  # local when it spares the map's dims
+    Op("group_norm", (nn.GroupNorm,), (F.group_norm,)),
+    Op("local_response_norm", (nn.LocalResponseNorm,), (F.local_response_norm,), local=True),
+    _elementwise("relu", modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu", "relu_")),
+    _elementwise("relu6", modules=(nn.ReLU6,), functions=(F.relu6,)),
+    _elementwise("gelu", modules=(nn.GELU,), functions=(F.gelu,)),
+    _elementwise("silu", modules=(nn.SiLU,), functions=(F.silu,)),
+    _elementwise("hardswish", modules=(nn.Hardswish,), functions=(F.hardswish,), methods=("hardswish",)),
+    _elementwise("hardsigmoid", modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,), methods=("hardsigmoid",)),
+    _elementwise("sigmoid", modules=(nn.Sigmoid,), functions=(F.sigmoid, torch.sigmoid),
+                 methods=("sigmoid", "sigmoid_")),
+    _elementwise("tanh", modules=(nn.Tanh,), functions=(F.tanh, torch.tanh), methods=("tanh",)),
+    _elementwise("mish", modules=(nn.Mish,), functions=(F.mish,)),
+    _elementwise("leaky_relu", modules=(nn.LeakyReLU,), functions=(F.leaky_relu,)),
+    _elementwise("elu", modules=(nn.ELU,), functions=(F.elu,)),
+    _elementwise("selu", modules=(nn.SELU,), functions=(F.selu,)),
+    _elementwise("celu", modules=(nn.CELU,), functions=(F.celu,)),
+    _elementwise("softplus", modules=(nn.Softplus,), functions=(F.softplus,)),
+    _elementwise("hardtanh", modules=(nn.Hardtanh,), functions=(F.hardtanh,)),
+    _elementwise("prelu", modules=(nn.PReLU,)),
+    _elementwise("identity", modules=(nn.Identity,)),
+    _elementwise("exp", functions=(torch.exp,), methods=("exp",)),
+    _elementwise("neg", functions=(_numeric(operator.neg),), methods=("neg",)),
+    _elementwise("clamp", functions=(torch.clamp,), methods=("clamp", "clamp_")),
+    _elementwise("sqrt", methods=("sqrt",)),
+    _elementwise("pow", methods=("pow",)),
+    _elementwise("contiguous", methods=("contiguous",)),
+    _elementwise("clone", methods=("clone",)),
+    _elementwise("float", methods=("float",)),
+    _elementwise("flip", methods=("flip",)),
+    Op("add", (), (_numeric(operator.add), _numeric(operator.iadd), torch.add), ("add", "add_"), local=True,
+       head="binary"),
+    Op("sub", (), (_numeric(operator.sub), torch.sub), ("sub",), local=True, head="binary"),
+    Op("mul", (), (_numeric(operator.mul), _numeric(operator.imul), torch.mul), ("mul", "mul_"), local=True,
+       head="binary"),
+    Op("div", (), (_numeric(operator.truediv), torch.div), ("div",), local=True, head="binary"),
+    Op("floordiv", (), (_numeric(operator.floordiv),), local=True, head="binary"),
+    Op("maximum", (), (torch.maximum,), local=True, head="binary"),
+    Op("minimum", (), (torch.minimum,), local=True, head="binary"),
+    Op("eq", (), (_numeric(operator.eq),), local=True),
+    Op("softmax", (nn.Softmax,), (F.softmax, torch.softmax), ("softmax",), local=True, head="dim", dim=(1, None)),
+    Op("log_softmax", (nn.LogSoftmax,), (F.log_softmax, torch.log_softmax), ("log_softmax",), local=True,
+       head="dim", dim=(1, None)),
+    Op("normalize", (), (F.normalize,), local=True, head="dim", dim=(2, 1)),
+    Op("cat", (), (torch.cat,), local=True, head="dim", dim=(1, 0)),
+    Op("chunk", (), (torch.chunk,), ("chunk",), local=True, head="dim", dim=(2, 0)),
+    Op("split", (), (torch.split,), ("split",), local=True, head="dim", dim=(2, 0)),
+    Op("stack", (), (torch.stack,), local=True),
+    # -- moving dimensions around ------------------------------------------------------------------
+    Op("flatten", (nn.Flatten,), (torch.flatten,), ("flatten",), local=True, head="to_vector"),
+    Op("view", (), (), ("view",), local=True, head="to_vector"),
+    Op("reshape", (), (torch.reshape,), ("reshape",), local=True, head="to_vector"),
+    Op("squeeze", (), (torch.squeeze,), ("squeeze",), local=True, head="to_vector"),
+    Op("unsqueeze", (), (torch.unsqueeze,), ("unsqueeze",), local=True),
+    Op("permute", (), (torch.permute,), ("permute",), local=True, head="permute"),
+    Op("transpose", (), (torch.transpose,), ("transpose",), local=True, head="permute"),
+    Op("narrow", (), (torch.narrow,), ("narrow",), local=True),
+    Op("expand", (), (), ("expand", "expand_as"), local=True),
+    Op("getitem", (), (_safe_getitem,), local=True, head="getitem"),
+    # -- shape queries ----------------------------------------------------------------------------
+    Op("size", (), (), ("size",), shape_query=True),
+    Op("dim", (), (), ("dim",), shape_query=True),
+    Op("getattr", (), (_tensor_getattr,), shape_query=True),
+)
+
+OPS: dict[str, Op] = {op.name: op for op in _TABLE}
+
+# What fx records when it traces a spelling -> what a converted graph calls instead. A guarded function
+# stands in for the builtin it limits (fx records ``operator.add``; the graph calls the numeric form).
+_GUARDED: dict[Callable, Callable] = {
+    operator.add: OPS["add"].functions[0], operator.iadd: OPS["add"].functions[1],
+    operator.sub: OPS["sub"].functions[0], operator.mul: OPS["mul"].functions[0],
+    operator.imul: OPS["mul"].functions[1], operator.truediv: OPS["div"].functions[0],
+    operator.floordiv: OPS["floordiv"].functions[0], operator.neg: OPS["neg"].functions[0],
+    operator.eq: OPS["eq"].functions[0], operator.getitem: _safe_getitem, builtins.getattr: _tensor_getattr,
+}
+
+
+def function_key(function: Callable) -> str:
+    """The name a saved graph gives a function: ``"torch.nn.functional.relu"``, ``"_operator.add"``.
+
+    A guarded function is saved under the name of the builtin it limits, so files stay readable by name.
+    """
+    for builtin, guarded in _GUARDED.items():
+        if function is guarded:
+            function = builtin
+    return f"{getattr(function, '__module__', None) or ''}.{getattr(function, '__name__', repr(function))}"
+
+
+_BY_FUNCTION: dict[str, tuple[Op, Callable]] = {}
+_BY_METHOD: dict[str, Op] = {}
+_BY_MODULE: dict[type, Op] = {}
+for _op in _TABLE:
+    for _f in _op.functions:
+        _BY_FUNCTION[function_key(_f)] = (_op, _f)
+    for _m in _op.methods:
+        _BY_METHOD[_m] = _op
+    for _cls in _op.modules:
+        _BY_MODULE[_cls] = _op
+_MODULES_BY_NAME: dict[str, type] = {cls.__name__: cls for cls in _BY_MODULE}
+
+
+def resolve_function(key: str) -> Optional[Callable]:
+    """The callable a saved graph may call under ``key`` (see :func:`function_key`); None if not allowed."""
+    found = _BY_FUNCTION.get(key)
+    return found[1] if found else None
+
+
+def resolve_method(name: str) -> Optional[Op]:
+    """The operation a tensor method name computes; None if a graph may not call it."""
+    return _BY_METHOD.get(name)
+
+
+def module_class(name: str) -> Optional[type]:
+    """The ``nn.Module`` class a saved graph may build under ``name``; None if not allowed."""
+    return _MODULES_BY_NAME.get(name)
+
+
+def module_classes() -> tuple[type, ...]:
+    """Every layer class a converted network may contain."""
+    return tuple(_BY_MODULE)
+
+
+def op_for(gm: Optional[nn.Module], node: fx.Node) -> Optional[Op]:
+    """The table entry of what ``node`` computes, or None for operations convify does not know."""
+    if node.op == "call_module":
+        return _BY_MODULE.get(type(gm.get_submodule(node.target))) if gm is not None else None
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target)
+    if node.op == "call_function":
+        found = _BY_FUNCTION.get(function_key(node.target))
+        if found is not None and (found[1] is node.target or _GUARDED.get(node.target) is found[1]):
+            return found[0]
+    return None
+
+
+def op_name(gm: nn.Module, node: fx.Node) -> str:
+    """A short name for what a node computes, the same for every spelling of one operation.
+
+    ``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` are all ``"relu"``; ``operator.add``,
+    ``torch.add`` and ``x.add(y)`` are all ``"add"``. Operations outside the table keep their own name;
+    placeholders, outputs and attributes return their op.
+    """
+    op = op_for(gm, node)
+    if op is not None:
+        return op.name
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def unsupported_node(gm: nn.Module) -> Optional[tuple[fx.Node, str]]:
+    """The first node of ``gm`` whose operation is not in the table, with a description of it; else None."""
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and op_for(gm, node) is None:
+            if node.op == "call_module":
+                cls = type(gm.get_submodule(node.target))
+                return node, f"{cls.__module__}.{cls.__name__}"
+            if node.op == "call_method":
+                return node, f"Tensor.{node.target}"
+            return node, function_key(node.target)
+    return None
