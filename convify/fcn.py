@@ -175,7 +175,7 @@ def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] =
         raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`") from None
     except ModelLoadError as e:
         raise ModelLoadError(f"{path} {e}" if str(e).startswith("was ") else f"{path}: {e}") from None
-    except (ValueError, RecursionError) as e:  # the schema's messages name the field
+    except (ValueError, OverflowError, RecursionError) as e:  # the schema's messages name the field
         raise ModelLoadError(f"{path} is a corrupt convify file: {str(e)[:300]}") from None
     except MemoryError:
         raise ModelLoadError(f"out of memory loading {path}") from None
@@ -255,8 +255,8 @@ def check_tensor(tensor: torch.Tensor, name: str) -> None:
 
 
 def _number(value: Any, where: str, positive: bool = False) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or (positive and value <= 0):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value) > 1e300 \
+            or not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{where} must be a finite{' positive' if positive else ''} number")
     return float(value)
 

@@ -511,6 +511,7 @@ def test_tensors_that_lie_or_are_not_finite_are_refused(tmp_path: Path, saved: P
     (lambda h: h["meta"].update(input_size=10 ** 12), "meta.input_size"),
     (lambda h: h["meta"].update(std=[0, 1, 1]), "meta.std"),
     (lambda h: h["meta"].update(mean=[1, 2]), "meta.mean"),
+    (lambda h: h["meta"].update(mean=[10 ** 400, 0, 0]), "meta.mean"),
     (lambda h: h["meta"].update(classes=[1, 2, 3]), r"meta.classes"),
     (lambda h: h["meta"].update(classes=["x"] * 200_000), "meta.classes"),
     (lambda h: h["meta"].update(arch=["list"]), "meta.arch"),
@@ -734,3 +735,87 @@ def test_the_file_is_data_that_weights_only_loads(tmp_path: Path, small_fcn: con
     # every operation the file names is a plain string from the allowlist the loader checks
     for node in header["graph"]["nodes"]:
         assert isinstance(node["target"], str)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzzing: damaged and hostile files give ModelLoadError and nothing else
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FUZZ = settings(max_examples=int(os.environ.get("CONVIFY_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    torch.manual_seed(0)
+    fcn = _convert(PrivateNet().eval(), 32, "private")
+    return fcn.save(tmp_path_factory.mktemp("fuzz") / "net.convify").read_bytes()
+
+
+def _load_or_refuse(path: Path) -> None:
+    """Loading either works or raises ModelLoadError; anything else escapes and fails the test."""
+    try:
+        convify.load(path)
+    except ModelLoadError:
+        pass
+
+
+@_FUZZ
+@given(edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8))
+def test_fuzz_bytes_of_a_converted_file(tmp_path: Path, saved_bytes: bytes, edits: list) -> None:
+    data = bytearray(saved_bytes)
+    for where, value in edits:
+        data[int(where * len(data))] = value
+    path = tmp_path / "fuzzed.convify"
+    path.write_bytes(bytes(data))
+    _load_or_refuse(path)
+
+
+@_FUZZ
+@given(cut=st.floats(0, 1, exclude_max=True))
+def test_fuzz_truncated_converted_files(tmp_path: Path, saved_bytes: bytes, cut: float) -> None:
+    path = tmp_path / "cut.convify"
+    path.write_bytes(saved_bytes[: int(cut * len(saved_bytes))])
+    _load_or_refuse(path)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.floats(allow_nan=True)
+    | st.text(max_size=12) | st.sampled_from(["x", "__class__", "conv2d", "Conv2d", "output", "node", "tuple"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(
+        ["node", "tuple", "dict", "slice", "dtype", "op", "args", "kwargs", "name", "target", "class"]), inner,
+        max_size=3),
+    max_leaves=12)
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    found = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found += _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _paths(v, prefix + (i,))
+    return found
+
+
+@_FUZZ
+@given(data=st.data())
+def test_fuzz_the_header_structure(tmp_path: Path, saved_bytes: bytes, data: st.DataObject) -> None:
+    """Any part of the JSON header replaced by any JSON value: refused cleanly, or loaded and checked."""
+    source = tmp_path / "net.convify"
+    source.write_bytes(saved_bytes)
+    payload = torch.load(source, weights_only=True)
+    header = json.loads(payload["convify"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _paths(header) if p]
+        path = data.draw(st.sampled_from(paths))
+        owner = header
+        for key in path[:-1]:
+            owner = owner[key]
+        owner[path[-1]] = data.draw(_JSON)
+    payload["convify"] = json.dumps(header)
+    torch.save(payload, tmp_path / "fuzzed.convify")
+    _load_or_refuse(tmp_path / "fuzzed.convify")
