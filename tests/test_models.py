@@ -12,11 +12,11 @@ import torch
 import torchvision
 from torch import nn
 
+from convify.checkpoint import _allowed_global
 from convify.errors import ModelLoadError
 from convify.models import (
     DEFAULT_ARCH,
     ModelInfo,
-    _allowed_global,
     build_architecture,
     load_default_model,
     load_model,
