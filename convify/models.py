@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from convify.checkpoint import _first_line, read_checkpoint
-from convify.errors import ModelLoadError
+from convify import limits
+from convify.errors import LimitError, ModelLoadError
 
 if TYPE_CHECKING:
     from convify.fcn import FullyConvNet
@@ -162,15 +163,21 @@ def load_model(
 
     Args:
         source: path of the file, or an architecture name (see :func:`build_architecture`).
-        arch: architecture of a state_dict file; for a whole model, used only for its metadata.
+        arch: architecture of a state_dict file. For a whole model it must agree with what the file
+            holds (``resnet18`` and ``torchvision:resnet18`` agree): a torchvision or timm model is
+            recognised by its class and layers; a model of another class cannot be checked, and
+            ``arch`` then only names it in the metadata.
         trust_pickle: unpickle with ``weights_only=False``, which runs any code the file holds.
 
     Returns:
         The model (on the CPU, in eval mode) and its :class:`ModelInfo`.
 
     Raises:
-        ModelLoadError: the file is missing or unreadable, holds neither a model nor a state_dict,
-            pickles a class outside the allowlist, does not fit ``arch``, or the name is unknown.
+        ModelLoadError: the file is missing, unreadable or damaged, holds neither a model nor a
+            state_dict, pickles a class outside the allowlist, holds a malformed tensor, does not fit
+            ``arch`` (a state_dict) or disagrees with it (a whole model), or the name is unknown.
+        LimitError: the file asks for more than :mod:`convify.limits` allows (see
+            :func:`convify.checkpoint.read_checkpoint`).
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -179,6 +186,8 @@ def load_model(
         found = read_checkpoint(path, source, trust_pickle)
         if isinstance(found, nn.Module):
             model = found.eval()
+            if arch is not None:
+                _check_arch_agrees(model, arch, source)
             return model, model_info(arch, model)
         if arch is None:
             raise ModelLoadError(
@@ -566,6 +575,49 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def _check_arch_agrees(model: nn.Module, arch: str, source: str) -> None:
+    """Refuse an ``arch`` that names another architecture than the whole model a file holds.
+
+    A model :func:`_guess_arch` recognises must be that architecture (a timm pretrained tag aside). A
+    torchvision or timm model it does not recognise (another number of classes) must be of the class
+    that ``arch`` builds, with the same shapes for the weights both have; the model is built on the
+    meta device for that, which allocates nothing. A model of any other class cannot be checked.
+
+    Raises:
+        ModelLoadError: arch is unknown, or names another architecture; the message names both.
+    """
+    library, name = _resolve_arch(arch)
+    wanted = f"{library}:{name}"
+    guessed = _guess_arch(model)
+    if guessed is not None:
+        if (guessed[0], guessed[1].split(".")[0]) != (library, name.split(".")[0]):
+            raise ModelLoadError(f"{source} holds a {guessed[0]}:{guessed[1]} model, but --arch says {wanted}; "
+                                 "a whole model needs no --arch: drop it or correct it")
+        return
+    if not type(model).__module__.startswith(("torchvision.models.", "timm.models.")):
+        return  # a class of its own: nothing to compare arch with; it names the model in the metadata
+    outputs = _num_outputs(model)
+    try:
+        with torch.device("meta"):
+            reference = _build(library, name, outputs)
+    except ModelLoadError:
+        return  # arch cannot be built with this many outputs; nothing to compare with
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    other = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    common = have.keys() & other.keys()
+    differ = [k for k in common if have[k] != other[k]]
+    if type(model) is not type(reference) or differ or len(common) < len(have) // 2:
+        if type(model) is not type(reference):
+            detail = f"{wanted} builds {type(reference).__name__}"
+        elif differ:
+            detail = f"its weight {differ[0]} is {have[differ[0]]}, not {other[differ[0]]}"
+        else:
+            detail = "its layers differ"
+        raise ModelLoadError(f"{source} holds a {type(model).__module__.split('.')[0]} {type(model).__name__} "
+                             f"that is not {wanted} ({detail}); a whole model needs no --arch: drop it or "
+                             "correct it")
+
+
 # --- state_dicts -----------------------------------------------------------------------------
 
 
@@ -576,6 +628,7 @@ def _model_from_state_dict(
 
     Raises:
         ModelLoadError: arch is unknown, or the state_dict does not fit it.
+        LimitError: the classifier has more than :data:`~convify.limits.MAX_CLASSES` classes.
     """
     library, name = _resolve_arch(arch)
     extra: dict[str, Any] = {}
@@ -584,6 +637,9 @@ def _model_from_state_dict(
         extra["aux_logits"] = any(k.startswith(aux) for k in state_dict)
     model = _build(library, name, None, extra)
     num_classes = _infer_num_classes(model.state_dict(), state_dict)
+    if num_classes is not None and num_classes > limits.MAX_CLASSES:
+        raise LimitError(f"{source} has a classifier of {num_classes} classes; convify reads at most "
+                         f"{limits.MAX_CLASSES} (convify.limits.MAX_CLASSES)")
     if num_classes is not None:
         model = _build(library, name, num_classes, extra)
     _check_fit(model.state_dict(), state_dict, source, f"{library}:{name}")
