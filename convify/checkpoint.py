@@ -65,7 +65,7 @@ _PICKLE_EXTRA = frozenset(
     }
 )
 _PICKLE_ROOTS = ("torch", "torchvision", "timm")
-_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 # torch.save's legacy (pre-1.6, non-zip) format opens with this number, pickled.
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 # What torch.load reads to turn weights_only=True into False behind its caller's back (torch < 2.6
@@ -175,7 +175,7 @@ def _read_checkpoint(path: Path, source: str, trust_pickle: bool) -> Any:
     if kind == "zip":
         _check_zip(path, source)
     else:
-        named = _legacy_globals(path, source)
+        named = _legacy_globals(path, source, check_storages=not trust_pickle)
     if trust_pickle:
         return _torch_load(path, source, weights_only=False)
     allowed = _legacy_safe_globals(named, source) if kind == "legacy" else _zip_safe_globals(path, source)
@@ -296,15 +296,30 @@ def _legacy_safe_globals(named: set[str], source: str) -> list[Any]:
 
     Raises:
         ModelLoadError: the file holds a whole model, which this format pickles with its source
-            code, so only a trusted (weights_only=False) load can read it.
+            code, so only a trusted (weights_only=False) load can read it; or it names a global that
+            neither torch's weights_only loader nor convify allows (named in the message).
     """
-    if any(isinstance(_allowed_global(n), type) for n in named if n not in _PICKLE_EXTRA):
+    if _names_a_layer(named):
         raise ModelLoadError(
             f"{source} holds a whole model in torch.save's pre-1.6 format, which cannot be loaded "
             "safely; re-run with --trust-pickle if you trust this file, or save its state_dict"
         )
-    # Anything else torch refuses is named by its error, which _torch_load turns into _refused.
-    return [obj for obj in map(_allowed_global, sorted(named)) if obj is not None]
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    torch_allows = _get_allowed_globals()
+    allowed = []
+    for name in sorted(named):
+        obj = _allowed_global(name)
+        if obj is not None:
+            allowed.append(obj)
+        elif _python3_name(name) not in torch_allows:
+            raise _refused(source, name)
+    return allowed
+
+
+def _names_a_layer(named: set[str]) -> bool:
+    """Whether a pickle names a layer class (then it holds a whole model, not a state_dict)."""
+    return any(isinstance(_allowed_global(n), type) for n in named if n not in _PICKLE_EXTRA)
 
 
 @contextlib.contextmanager
@@ -337,11 +352,14 @@ def _torch_load(path: Path, source: str, weights_only: bool) -> Any:
     except (MemoryError, RecursionError, OSError):
         raise  # read_checkpoint words these
     except Exception as e:  # noqa: BLE001 - unpickling can raise anything; re-raised, chained
+        if isinstance(e, RuntimeError) and "allocate" in str(e):  # torch's allocator failing
+            raise MemoryError from e
         raise ModelLoadError(f"cannot load {source}: {type(e).__name__}: {_first_line(e)}") from e
 
 
 def _refused(source: str, name: str) -> ModelLoadError:
     """The error for a pickle global outside the allowlist."""
+    name = _python3_name(name)
     if name.split(".")[0] in _PICKLE_ROOTS:
         return ModelLoadError(
             f"{source} pickles {name}, which is not a torch.nn/torchvision/timm layer class; "
@@ -351,6 +369,18 @@ def _refused(source: str, name: str) -> ModelLoadError:
         f"{source} pickles class {name} which is not part of torch/torchvision/timm; "
         "re-run with --trust-pickle if you trust this file"
     )
+
+
+def _python3_name(name: str) -> str:
+    """A pickle global as Python 3 imports it: protocol 2 writes ``__builtin__.eval`` for ``builtins.eval``."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{attr}" if module else name
 
 
 def _allowed_global(name: str) -> Optional[Any]:
@@ -410,14 +440,22 @@ class _Bounded:
         return self._f.tell()
 
 
-def _legacy_globals(path: Path, source: str) -> set[str]:
+def _legacy_globals(path: Path, source: str, check_storages: bool) -> set[str]:
     """The globals named by the object pickle of a legacy (non-zip) torch.save file, unexecuted.
 
     That format is four pickles in a row (magic number, protocol, system info, the object) then raw
     storages; pickletools reads the opcodes without running any.
 
+    Args:
+        path: the file.
+        source: the file as the user named it, for messages.
+        check_storages: require every persistent record to be a storage whose size is a literal that
+            the file can hold (:func:`_claimed_elements`). A state_dict's records all are; a whole
+            model's also pickle its classes' source code, and only a trusted load reads those.
+
     Raises:
-        ModelLoadError: not a torch.save file (a plain pickle), or damaged.
+        ModelLoadError: not a torch.save file (a plain pickle), damaged, or a storage record claims
+            more than the file holds.
         LimitError: the object pickle is over :data:`~convify.limits.MAX_PICKLE_BYTES`.
     """
     size = path.stat().st_size
@@ -434,11 +472,25 @@ def _legacy_globals(path: Path, source: str) -> set[str]:
                 for _op in pickletools.genops(f):
                     pass
             f.end = min(size, f.tell() + limits.MAX_PICKLE_BYTES)
-            return {
-                str(arg).replace(" ", ".")
-                for op, arg, _ in pickletools.genops(f)
-                if op.name in ("GLOBAL", "INST")
-            }
+            named: set[str] = set()
+            recent: list[tuple[str, Any]] = []
+            claimed, odd = 0, False
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    named.add(str(arg).replace(" ", "."))
+                elif op.name == "BINPERSID" and check_storages:
+                    numel = _claimed_elements(recent)
+                    odd = odd or numel is None
+                    claimed += numel or 0
+                    if claimed > size:
+                        raise ModelLoadError(f"{source} is damaged: its storages claim {claimed} elements, more "
+                                             f"than the file's {size} bytes hold")
+                if op.name not in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+                    recent = (recent + [(op.name, arg)])[-3:]
+            if odd and not _names_a_layer(named):  # a whole model is refused, as such, by the caller
+                raise ModelLoadError(f"{source} is damaged or crafted: a storage record is not as torch.save "
+                                     "writes it")
+            return named
         except ConvifyError:
             raise
         except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError, OverflowError) as e:
@@ -446,6 +498,28 @@ def _legacy_globals(path: Path, source: str) -> set[str]:
                 raise LimitError(f"{source}: its pickle is over {limits.MAX_PICKLE_BYTES} bytes; convify "
                                  "reads at most that (convify.limits.MAX_PICKLE_BYTES)") from e
             raise ModelLoadError(f"{source} is damaged or not a torch.save file: {_first_line(e)}") from e
+
+
+def _claimed_elements(recent: list[tuple[str, Any]]) -> Optional[int]:
+    """The number of elements a legacy storage record claims, from the opcodes before its BINPERSID.
+
+    torch.save pickles each storage as ``('storage', StorageType, key, location, numel, None)``: a
+    tuple that ends with a literal int and None (ints are never memoised). torch allocates that many
+    elements before it reads any, so the claim is checked against the file's size first.
+
+    Args:
+        recent: the last three opcodes (name, argument) before BINPERSID, memo stores left out.
+
+    Returns:
+        The claim, or None when the record is not such a tuple.
+    """
+    ints = ("BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG")
+    names = [name for name, _ in recent]
+    if len(names) == 3 and names[0] in ints and names[1:] == ["NONE", "TUPLE"]:
+        numel = recent[0][1]
+        if isinstance(numel, int) and numel >= 0:
+            return numel
+    return None
 
 
 def _is_safetensors(head: bytes) -> bool:
