@@ -99,10 +99,6 @@ def _legacy_raw(pkl: bytes, path: Path) -> None:
     path.write_bytes(head + pkl + pickle.dumps([], protocol=2))
 
 
-class Holder(nn.Module):
-    """Stands in for nothing: whole models below are torchvision ones carrying a payload attribute."""
-
-
 def _write_payload(name: str, container: str, fmt: str, marker: Path, path: Path) -> None:
     """Write a file carrying payload ``name`` inside ``container`` in format ``fmt``."""
     if name.startswith("raw:"):
