@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
-    "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS",
+    "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -32,3 +32,10 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_GRAPH_NODES = 100_000
 # Tensors in one checkpoint or converted file.
 MAX_TENSORS = 100_000
+# The pickle in a checkpoint (a torch.save zip's data.pkl, or the object pickle of the pre-1.6 format):
+# the structure, not the weights. timm's largest CNNs pickle as whole models to a few MB; unpickling can
+# take ~10x the pickle's size in memory.
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# How deep the layers of a pickled whole model nest: torchvision and timm models are under 10 deep, and
+# a much deeper one would hit Python's recursion limit in every walk over its layers.
+MAX_MODULE_DEPTH = 100

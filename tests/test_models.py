@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,11 @@ import torch
 import torchvision
 from torch import nn
 
+from convify.checkpoint import _allowed_global
 from convify.errors import ModelLoadError
 from convify.models import (
     DEFAULT_ARCH,
     ModelInfo,
-    _allowed_global,
     build_architecture,
     load_default_model,
     load_model,
@@ -223,17 +224,63 @@ def test_whole_timm_model_loads_and_keeps_its_config(tmp_path: Path) -> None:
     assert info.classes is None
 
 
-def test_arch_with_whole_model_only_sets_metadata(tmp_path: Path) -> None:
+def test_arch_that_agrees_with_whole_model_sets_metadata(tmp_path: Path) -> None:
     original = torchvision.models.mobilenet_v3_small(num_classes=9).eval()
     path = tmp_path / "model.pt"
     torch.save(original, path)
 
-    loaded, info = load_model(str(path), arch="efficientnet_v2_s")
+    for arch in ("mobilenet_v3_small", "torchvision:mobilenet_v3_small"):
+        loaded, info = load_model(str(path), arch=arch)
+        assert isinstance(loaded, torchvision.models.MobileNetV3)
+        torch.testing.assert_close(_outputs(loaded), _outputs(original))
+        assert info.arch == "torchvision:mobilenet_v3_small"
 
-    assert isinstance(loaded, torchvision.models.MobileNetV3)
-    torch.testing.assert_close(_outputs(loaded), _outputs(original))
-    assert info.arch == "torchvision:efficientnet_v2_s"
-    assert info.input_size == 384
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        ("vgg16", "holds a torchvision:resnet18 model, but --arch says torchvision:vgg16"),
+        ("timm:resnet18", "holds a torchvision:resnet18 model, but --arch says timm:resnet18"),
+        ("resnet50", "holds a torchvision:resnet18 model, but --arch says torchvision:resnet50"),
+    ],
+)
+def test_arch_that_disagrees_with_recognised_whole_model_is_refused(
+    tmp_path: Path, arch: str, expected: str
+) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(torchvision.models.resnet18(), path)
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        load_model(str(path), arch=arch)
+    _, info = load_model(str(path), arch="resnet18")
+    assert info.arch == "torchvision:resnet18"
+
+
+@pytest.mark.parametrize(
+    ("model", "arch", "expected"),
+    [
+        # Another class: told by type alone.
+        (lambda: torchvision.models.mobilenet_v3_small(num_classes=9), "efficientnet_v2_s",
+         "holds a torchvision MobileNetV3 that is not torchvision:efficientnet_v2_s "
+         "(torchvision:efficientnet_v2_s builds EfficientNet)"),
+        # Same class, 9 classes (so not recognised by parameter count): told by the weights' shapes.
+        (lambda: torchvision.models.resnet18(num_classes=9), "resnet50",
+         "holds a torchvision ResNet that is not torchvision:resnet50 (its weight"),
+    ],
+)
+def test_arch_that_disagrees_with_unrecognised_whole_model_is_refused(
+    tmp_path: Path, model: Any, arch: str, expected: str
+) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(model(), path)
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        load_model(str(path), arch=arch)
+
+
+def test_arch_with_a_model_of_its_own_class_only_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "custom.pt"
+    torch.save(TinyNet(), path)
+    _, info = load_model(str(path), arch="resnet18", trust_pickle=True)
+    assert info.arch == "torchvision:resnet18"
 
 
 def test_custom_class_refused_then_trusted(tmp_path: Path) -> None:
