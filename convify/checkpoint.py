@@ -42,7 +42,7 @@ from torch import nn
 from convify import limits
 from convify.errors import ConvifyError, LimitError, ModelLoadError
 
-__all__ = ["read_checkpoint"]
+__all__ = ["read_checkpoint", "read_data_file", "check_tensors"]
 
 # Training checkpoints often keep the model (or its state_dict) under one of these keys.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -118,14 +118,47 @@ def read_checkpoint(
     """
     path = Path(path)
     name = str(path) if source is None else source
+
+    def read() -> Union[nn.Module, dict[str, torch.Tensor]]:
+        found = _unwrap_checkpoint(_read_checkpoint(path, name, trust_pickle), name)
+        check_tensors(found, name)
+        return found
+
+    return _guarded(path, name, read)
+
+
+def read_data_file(path: Union[str, Path], source: Optional[str] = None) -> Any:
+    """The plain data a ``torch.save`` zip holds (dicts, lists, strings, numbers, tensors), read as hostile input.
+
+    For files convify writes itself (converted networks): the zip is checked as :func:`read_checkpoint`
+    checks it (entries, sizes, CRC-32s), then unpickled with ``weights_only=True`` and no class allowed
+    beyond torch's own. Tensors are not checked here: :func:`check_tensors` does that.
+
+    Raises:
+        ModelLoadError: the file is missing, not a torch.save zip, damaged, or pickles any class; reading
+            it runs out of memory.
+        LimitError: it has more entries or a larger pickle than :mod:`convify.limits` allows.
+    """
+    path = Path(path)
+    name = str(path) if source is None else source
+
+    def read() -> Any:
+        if _file_format(path, name) != "zip":
+            raise ModelLoadError(f"{name} is not a file torch.save writes today (a zip)")
+        _check_zip(path, name)
+        return _torch_load(path, name, weights_only=True)
+
+    return _guarded(path, name, read)
+
+
+def _guarded(path: Path, name: str, read: Any) -> Any:
+    """``read()``, with every failure turned into one ConvifyError line (memory errors after unwinding)."""
     failure: Optional[ConvifyError] = None
     try:
         if not path.is_file():
             what = "a directory" if path.is_dir() else "not a regular file" if path.exists() else "missing"
             raise ModelLoadError(f"{name} is {what}; {_EXPECTED}")
-        found = _unwrap_checkpoint(_read_checkpoint(path, name, trust_pickle), name)
-        _check_tensors(found, name)
-        return found
+        return read()
     except ConvifyError:
         raise
     except MemoryError:
@@ -611,7 +644,7 @@ def _is_count(value: Any) -> bool:
 # --- tensors ---------------------------------------------------------------------------------
 
 
-def _check_tensors(found: Union[nn.Module, Mapping[str, torch.Tensor]], source: str) -> None:
+def check_tensors(found: Union[nn.Module, Mapping[str, torch.Tensor]], source: str) -> None:
     """Check every tensor in a model or state_dict before anything computes with it.
 
     For a model: every parameter, buffer and tensor attribute of every layer, and the layers'
