@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NamedTuple, Optional, Union
@@ -14,6 +13,7 @@ from torch import nn
 
 from .errors import ModelLoadError, OutputExistsError
 from .geometry import Geometry
+from .outputs import write_atomic
 from .serialize import graph_from_data, graph_to_data
 
 __all__ = ["FullyConvNet", "ModelMeta", "Rewrite", "load", "is_convify_file"]
@@ -112,21 +112,6 @@ class FullyConvNet(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda f: torch.save(payload, f))
         return path
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
-
-    A failure (or Ctrl-C) leaves neither a half-written ``path`` nor the temporary file.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def is_convify_file(path: Union[str, os.PathLike]) -> bool:
