@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
-    "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS",
+    "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_GRID_PANELS",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -32,3 +32,6 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_GRAPH_NODES = 100_000
 # Tensors in one checkpoint or converted file.
 MAX_TENSORS = 100_000
+# Overlays drawn side by side in one top-k grid image: each is the size of the photo, so ``--top-k 1000``
+# must not ask for a thousand of them (the printed list and the JSON summary still take all k).
+MAX_GRID_PANELS = 16
