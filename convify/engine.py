@@ -33,10 +33,11 @@ import json
 import math
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, BinaryIO, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -93,23 +94,70 @@ def load_image(source: ImageLike) -> Image.Image:
     if isinstance(source, torch.Tensor):
         return _tensor_to_image(source)
     if isinstance(source, Image.Image):
-        image = source
-        name = str(getattr(source, "filename", "") or "the image")
-    else:
-        path = Path(source)
-        name = str(path)
-        image = _open(path)
+        return _decode(source, str(getattr(source, "filename", "") or "the image"))
+    path = Path(source)
+    handle = _open_file(path)
+    try:
+        return _decode(_open(handle, path), str(path))
+    finally:
+        handle.close()
+
+
+def _open_file(path: Path) -> BinaryIO:
+    """The file, opened without blocking and only if it is a regular file (a FIFO would hang, a device
+    would stream forever); checked on the open descriptor, so the name cannot be swapped in between."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageError(f"no such image: {path}") from None
+    except PermissionError:
+        raise ImageError(f"cannot open {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path} is a directory, not an image") from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL in it, a loop of links, ...
+        raise ImageError(f"cannot open {path} ({_one_line(e)})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError(f"{path} is a directory, not an image")
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{path} is not a regular file (a pipe, device or socket); give an image file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open(handle: BinaryIO, path: Path) -> Image.Image:
+    """``Image.open`` with the allowlist; Pillow's decompression-bomb warning is an error here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(handle, formats=list(IMAGE_FORMATS))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        numbers = [int(n) for n in re.findall(r"\((\d+) pixels\)", str(e))]
+        declared = f"{numbers[0]:,} pixels" if numbers else "too many pixels"
+        raise ImageError(f"{path} declares {declared}, more than the {Image.MAX_IMAGE_PIXELS:,} allowed; "
+                         "not decoding it (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"cannot read {path} as an image (not a {_format_list()} file, or a damaged one)") from None
+    except MemoryError:
+        raise ImageError(f"cannot read {path}: out of memory reading its header") from None
+    except Exception as e:  # OSError, SyntaxError, struct.error, EOFError, zlib.error, ValueError, ...
+        raise ImageError(f"cannot read {path} as an image ({_one_line(e)})") from None
+
+
+def _decode(image: Image.Image, name: str) -> Image.Image:
+    """Check the declared size, then decode, turn upright and make RGB; every failure one ImageError."""
     try:
         _check_declared_size(name, image.width, image.height)
         image.load()
-    except BaseException as e:
-        if image is not source:
-            image.close()
-        if isinstance(e, ImageError) or not isinstance(e, Exception):
-            raise
-        if isinstance(e, MemoryError):
-            raise ImageError(f"cannot read {name}: out of memory decoding {image.width}x{image.height} px") from None
-        # a decoder's complaint about a stranger's bytes: any type, one line
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"cannot read {name}: out of memory decoding {image.width}x{image.height} px") from None
+    except Exception as e:  # a decoder's complaint about a stranger's bytes: any type, one line
         raise ImageError(f"cannot read {name} as an image ({_one_line(e)})") from None
     try:
         image = ImageOps.exif_transpose(image)
@@ -125,41 +173,11 @@ def load_image(source: ImageLike) -> Image.Image:
         raise ImageError(f"cannot read {name} as an image ({_one_line(e)})") from None
 
 
-def _open(path: Path) -> Image.Image:
-    """``Image.open`` with the allowlist; Pillow's decompression-bomb warning is an error here."""
-    try:
-        if not path.exists():
-            raise ImageError(f"no such image: {path}")
-        if path.is_dir():
-            raise ImageError(f"{path} is a directory, not an image")
-    except OSError as e:  # a name the system refuses (too long, ...)
-        raise ImageError(f"cannot open {path} ({_one_line(e)})") from None
-    except ValueError as e:  # a NUL in the name
-        raise ImageError(f"cannot open {path!r} ({_one_line(e)})") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path, formats=list(IMAGE_FORMATS))
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        numbers = [int(n) for n in re.findall(r"\((\d+) pixels\)", str(e))]
-        declared = f"{numbers[0]:,} pixels" if numbers else "too many pixels"
-        raise ImageError(f"{path} declares {declared}, more than the {Image.MAX_IMAGE_PIXELS:,} Pillow allows "
-                         "(PIL.Image.MAX_IMAGE_PIXELS); not decoding it (a decompression bomb?)") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"cannot read {path} as an image (not a {_format_list()} file)") from None
-    except PermissionError:
-        raise ImageError(f"cannot open {path}: permission denied") from None
-    except MemoryError:
-        raise ImageError(f"cannot read {path}: out of memory reading its header") from None
-    except Exception as e:  # OSError, SyntaxError, struct.error, EOFError, zlib.error, ValueError, ...
-        raise ImageError(f"cannot read {path} as an image ({_one_line(e)})") from None
-
-
 def _check_declared_size(name: str, width: int, height: int) -> None:
     pixels = max(width, 0) * max(height, 0)
     if pixels > limits.MAX_IMAGE_PIXELS:
         raise ImageError(f"{name} declares {width}x{height} = {pixels:,} pixels, more than the "
-                         f"{limits.MAX_IMAGE_PIXELS:,} allowed (convify.limits.MAX_IMAGE_PIXELS); not decoding it")
+                         f"{limits.MAX_IMAGE_PIXELS:,} allowed; not decoding it (a decompression bomb?)")
     if width < 1 or height < 1:
         raise ImageError(f"{name} declares an empty image ({width}x{height} px)")
 
