@@ -136,8 +136,8 @@ class _Size(click.ParamType):
         text = str(value).strip().lower()
         if text in ("auto", "none"):
             return None if text == "none" else "auto"
-        if text.isascii() and text.isdigit() and int(text) > 0:
-            if int(text) > limits.MAX_SIDE:
+        if text.isascii() and text.isdigit() and int(text[:12]) > 0:  # [:12]: no 5000-digit int() in the way
+            if len(text) > 12 or int(text) > limits.MAX_SIDE:
                 self.fail(f"{printable(value, limit=40)} px is more than the longest side convify allows "
                           f"({limits.MAX_SIDE} px)", param, ctx)
             return int(text)
@@ -293,7 +293,8 @@ def _geometry_lines(fcn) -> str:
         f"  map size: {big}x{big} px in -> {h}x{w} cells out; smallest input {g.min_input_size()} px",
     ]
     if not g.local:
-        shown = ", ".join(printable(n, 80) for n in g.global_context[:3]) + (", ..." if len(g.global_context) > 3 else "")
+        shown = ", ".join(printable(n, 80) for n in g.global_context[:3])
+        shown += ", ..." if len(g.global_context) > 3 else ""
         lines.append(f"  not local: {len(g.global_context)} layers see the whole image ({shown})")
     return "\n".join(lines)
 

@@ -333,7 +333,8 @@ class HeatmapResult:
         log_probs = self._log_probs[index]
         flat = int(torch.argmax(log_probs))
         i, j = divmod(flat, log_probs.shape[1])
-        return Prediction(index, self.classes[index], float(log_probs[i, j].exp().float()), float(self.logits[index, i, j]),
+        score = float(log_probs[i, j].exp().float())
+        return Prediction(index, self.classes[index], score, float(self.logits[index, i, j]),
                           (i, j), tuple(float(v) for v in self.boxes[i, j]))
 
     def top(self, k: int = 5) -> list[Prediction]:

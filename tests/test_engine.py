@@ -866,7 +866,9 @@ def test_save_on_a_full_disk_writes_nothing(red_result, tmp_path, monkeypatch):
 
     import convify.outputs
 
-    monkeypatch.setattr(convify.outputs.os, "fdopen", lambda fd, mode="rb": FullDisk(fd, "wb"))
+    monkeypatch.setattr(convify.outputs.os, "fdopen", 
+                        lambda fd, mode="r", *a, real=os.fdopen, **k:
+                        FullDisk(fd, "wb") if "w" in mode else real(fd, mode, *a, **k))
     with pytest.raises(OutputError, match=r"^cannot write .*: no space left on the device$"):
         red_result.save(tmp_path / "out")
     assert os.listdir(tmp_path / "out") == []

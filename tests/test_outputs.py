@@ -37,7 +37,9 @@ class FullDisk(io.FileIO):
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    monkeypatch.setattr(outputs.os, "fdopen", lambda fd, mode="rb": FullDisk(fd, "wb"))
+    monkeypatch.setattr(outputs.os, "fdopen", 
+                        lambda fd, mode="r", *a, real=os.fdopen, **k:
+                        FullDisk(fd, "wb") if "w" in mode else real(fd, mode, *a, **k))
 
 
 def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
