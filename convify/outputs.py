@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequen
 
 from .errors import OutputError
 
-__all__ = ["write_atomic", "write_files", "check_not_inputs", "ensure_directory", "temp_pattern"]
+__all__ = ["write_atomic", "write_files", "check_not_inputs", "ensure_directory", "temp_pattern", "WriteError"]
 
 PathLike = Union[str, os.PathLike]
 Writer = Callable[[BinaryIO], Any]
@@ -48,6 +48,11 @@ _STARTED = time.time()
 _UMASK_LOCK = threading.Lock()
 
 
+class WriteError(OutputError, OSError):
+    """A file cannot be written (permissions, full disk, ...): an :class:`OutputError` with a one-line message,
+    and still an ``OSError``, so code that caught OSError around a save keeps working."""
+
+
 def write_atomic(path: PathLike, write: Writer) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -56,7 +61,8 @@ def write_atomic(path: PathLike, write: Writer) -> None:
         write: writes the whole content to the binary file object it is given.
 
     Raises:
-        OutputError: the file cannot be written (permissions, full disk, ...); nothing is left behind.
+        WriteError: (an OutputError and an OSError) the file cannot be written (permissions, full disk, ...);
+            nothing is left behind.
         Anything ``write`` raises for other reasons, after the temporary file is removed.
     """
     write_files([(Path(path), write)])
@@ -72,7 +78,7 @@ def write_files(items: Sequence[tuple[PathLike, Writer]]) -> list[Path]:
         The targets, in order.
 
     Raises:
-        OutputError: a file cannot be written; nothing is left behind.
+        WriteError: a file cannot be written; nothing is left behind.
     """
     targets = [Path(p) for p, _ in items]
     temps: list[Path] = []
@@ -95,7 +101,7 @@ def write_files(items: Sequence[tuple[PathLike, Writer]]) -> list[Path]:
             if isinstance(e, OSError) or recorded is not None:
                 cause = e if isinstance(e, OSError) else recorded
                 target = getattr(e, "_convify_target", targets[0])
-                raise OutputError(f"cannot write {target}: {_reason(cause)}") from None
+                raise WriteError(f"cannot write {target}: {_reason(cause)}") from None
             raise
     return targets
 

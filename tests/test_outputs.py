@@ -69,6 +69,7 @@ def test_full_disk_is_one_output_error_and_leaves_the_old_file(tmp_path, full_di
     with pytest.raises(OutputError) as error:
         write_atomic(target, lambda f: f.write(b"new"))
     assert str(error.value) == f"cannot write {target}: no space left on the device"
+    assert isinstance(error.value, OSError)  # as write_atomic raised before: callers catching OSError still work
     assert target.read_bytes() == b"old"
     assert temps(tmp_path) == []
 
