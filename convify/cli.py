@@ -1,24 +1,67 @@
-"""The ``convify`` command: a thin layer over the library (:mod:`convify.convert`, :mod:`convify.models`)."""
+"""The ``convify`` command: a thin layer over the library (:mod:`convify.convert`, :mod:`convify.models`).
+
+Errors: every failure is one ``Error: ...`` line on stderr and exit code 1 (a convify error's own message;
+out of memory; anything unexpected named as such), wrong usage is exit code 2, and no traceback is shown
+unless ``convify --debug ...`` asks for it. Everything printed that comes from a file (architecture, class
+and layer names, image names, error messages that quote them) goes through :func:`convify.text.printable`,
+so a file cannot forge report lines or send terminal escapes.
+"""
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import click
 
+from . import limits
 from .errors import ConvifyError, OutputExistsError
+from .text import printable
+
+_DEBUG_HELP = "Show the full traceback of an error instead of its one-line message."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """A group whose commands' exceptions become one ``Error:`` line (exit 1), or a traceback with --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(_error_line(e, ctx.invoked_subcommand)) from None
+
+
+def _error_line(error: BaseException, command: Optional[str] = None) -> str:
+    """The one line printed after ``Error: `` for an exception."""
+    if isinstance(error, ConvifyError):
+        return printable(str(error), limit=1000)
+    if isinstance(error, MemoryError):
+        hint = "lower --size or --max-pixels" if command == "heatmap" else "the model is too large for this machine"
+        return f"out of memory ({hint})"
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    detail = f": {printable(line, limit=200)}" if line else ""
+    return f"unexpected {type(error).__name__}{detail} (run with --debug for the traceback)"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="convify")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help=_DEBUG_HELP)
+def cli(debug: bool) -> None:
     """Turn CNN classifiers into exact fully-convolutional networks that give class score maps.
 
     Example:
 
         convify convert resnet50_weights.pt --arch resnet50
+
+        convify --debug heatmap photo.jpg
     """
 
 
@@ -59,32 +102,27 @@ def convert(model: str, output: Optional[Path], arch: Optional[str], input_size:
     """
     from .convert import convert as convert_model
     from .models import load_model
+    from .outputs import check_not_inputs, ensure_directory
 
     output = output or _default_output(model)
+    check_not_inputs([output], [model])
     if output.exists() and not force:
-        raise click.ClickException(f"{output} already exists; use --force to overwrite it")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            loaded, info = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        for warning in caught:
-            click.echo(f"Warning: {warning.message}", err=True)
-        size = input_size or info.input_size
-        click.echo(f"Loaded {info.arch or type(loaded).__name__} ({_params(loaded)}); native input {size} px")
-        fcn = convert_model(loaded, input_size=size, arch=info.arch, classes=info.classes, mean=info.mean,
-                            std=info.std)
-        click.echo("Rewrites:")
-        width = max((len(r.layer) for r in fcn.rewrites), default=0)
-        for r in fcn.rewrites:
-            click.echo(f"  {r.layer:<{width}}  {r.before}  ->  {r.after}")
-        click.echo(_geometry_lines(fcn))
-        click.echo(_check_line(fcn))
-        fcn.save(output, force=force)
-    except OutputExistsError as e:
-        raise click.ClickException(str(e)) from None
-    except ConvifyError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"Wrote {output}")
+        raise OutputExistsError(f"{output} already exists; use --force to overwrite it")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded, info = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    for warning in caught:
+        click.echo(f"Warning: {printable(warning.message, limit=1000)}", err=True)
+    size = input_size or info.input_size
+    click.echo(f"Loaded {printable(info.arch or type(loaded).__name__)} ({_params(loaded)}); native input {size} px")
+    fcn = convert_model(loaded, input_size=size, arch=info.arch, classes=info.classes, mean=info.mean,
+                        std=info.std)
+    click.echo(_rewrite_lines(fcn))
+    click.echo(_geometry_lines(fcn))
+    click.echo(_check_line(fcn))
+    ensure_directory(output.parent)
+    fcn.save(output, force=force)
+    click.echo(f"Wrote {printable(output)}")
 
 
 class _Size(click.ParamType):
@@ -93,40 +131,50 @@ class _Size(click.ParamType):
     name = "auto|none|PIXELS"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value in ("auto", None):
+        if value in ("auto", None):
             return value
         text = str(value).strip().lower()
         if text in ("auto", "none"):
             return None if text == "none" else "auto"
-        if text.isdigit() and int(text) > 0:
+        if text.isascii() and text.isdigit() and int(text[:12]) > 0:  # [:12]: no 5000-digit int() in the way
+            if len(text) > 12 or int(text) > limits.MAX_SIDE:
+                self.fail(f"{printable(value, limit=40)} px is more than the longest side convify allows "
+                          f"({limits.MAX_SIDE} px)", param, ctx)
             return int(text)
-        self.fail(f"{value!r} is not 'auto', 'none' or a positive number of pixels", param, ctx)
+        self.fail(f"{printable(value, limit=40)!r} is not 'auto', 'none' or a positive number of pixels", param, ctx)
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
 @click.option("--model", help="A converted file, a model file convify convert accepts, or an architecture "
                               "(its pretrained weights, or --weights). Default: EfficientNet-Lite0, offline.")
 @click.option("--weights", help="A state_dict for --model ARCH.")
 @click.option("--class", "queries", multiple=True, metavar="NAME|ID",
               help="A class to draw: ImageNet name (any case, unique prefix) or index. Repeatable.")
 @click.option("--top-k", "top_k", type=click.IntRange(min=1), default=3, show_default=True,
-              help="How many of the best classes to print and to draw in the grid.")
+              help="How many of the best classes to print and to draw in the grid (at most the model's classes; "
+                   f"at most {limits.MAX_GRID_PANELS} drawn).")
 @click.option("--size", type=_Size(), default="auto", show_default=True,
-              help="Shorter side the image is resized to: auto (twice the window), a number, or none.")
+              help="Shorter side the image is resized to: auto (twice the window, scaled down to fit "
+                   f"--max-pixels), a number (at most {limits.MAX_SIDE}), or none.")
+@click.option("--max-pixels", "max_pixels", type=click.IntRange(min=1), default=limits.MAX_PIXELS,
+              show_default=True, help="Most pixels the network may run on for one image (memory grows with it).")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Directory for the files written.")
 @click.option("--format", "formats", default="png,json", show_default=True,
               help="What to write, comma-separated: png (overlay), json (summary), npy (raw maps).")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files (never an input file).")
 @click.option("--trust-pickle", is_flag=True, help="As for convify convert.")
-def heatmap(images: tuple[str, ...], model: Optional[str], weights: Optional[str], queries: tuple[str, ...],
-            top_k: int, size, output: Path, formats: str, force: bool, trust_pickle: bool) -> None:
+@click.pass_context
+def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], weights: Optional[str],
+            queries: tuple[str, ...], top_k: int, size, max_pixels: int, output: Path, formats: str, force: bool,
+            trust_pickle: bool) -> None:
     """Draw class heatmaps for IMAGES with one forward pass each.
 
     Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
     IMAGE.heatmap.png (the top classes side by side) or, with --class, IMAGE.CLASS.png per class, plus
-    IMAGE.json. An image that cannot be read is reported and skipped; the exit code is then 1.
+    IMAGE.json. An image that fails (unreadable, too large, out of memory, output not writable) is reported
+    on one line and skipped; the others are still done, and the exit code is then 1.
 
     Example:
 
@@ -138,41 +186,57 @@ def heatmap(images: tuple[str, ...], model: Optional[str], weights: Optional[str
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     unknown = sorted(set(wanted) - {"png", "json", "npy"})
     if unknown or not wanted:
-        raise click.UsageError(f"--format takes png, json and npy, comma-separated; got {formats!r}")
+        raise click.UsageError(f"--format takes png, json and npy, comma-separated; got {printable(formats, 60)!r}")
     stems = [Path(i).stem for i in images]
     if len(set(stems)) != len(stems):
         raise click.UsageError("two IMAGES have the same file name; their outputs would collide")
-    try:
-        fcn = network_for(model, weights, trust_pickle=trust_pickle)
-        if fcn.classes:
-            from .engine import resolve_class
+    fcn = network_for(model, weights, trust_pickle=trust_pickle)
+    if fcn.classes:
+        from .engine import resolve_class
 
-            for query in queries:
-                resolve_class(fcn.classes, query)
-    except ConvifyError as e:
-        raise click.ClickException(str(e)) from None
+        for query in queries:
+            resolve_class(fcn.classes, query)
+        top_k = min(top_k, len(fcn.classes))
+    inputs = [*images, model, weights]
+    debug = bool(ctx.find_root().params.get("debug"))
     failures = 0
     show_bar = len(images) > 1
-    with click.progressbar(images, label="heatmaps", file=sys.stderr,
-                           hidden=not show_bar) as bar:
+    with _pillow_limit(), click.progressbar(images, label="heatmaps", file=sys.stderr, hidden=not show_bar) as bar:
         for image in bar:
+            lead = "\n" if show_bar else ""
             try:
-                result = run_heatmap(image, fcn, size=size)
-                written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force)
-            except ConvifyError as e:
+                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels)
+                written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force, inputs=inputs)
+                lines = [f"{printable(image)} ({result.image.width}x{result.image.height} px, map "
+                         f"{result.logits.shape[1]}x{result.logits.shape[2]}):"]
+                shown = [result.prediction(q) for q in queries] or result.top(top_k)
+                for p in shown:
+                    box = ", ".join(f"{v:.0f}" for v in p.box)
+                    lines.append(f"  {printable(p.name, 60):<24} {p.score:6.3f}  peak cell {p.cell}  box ({box})")
+                lines.append("  wrote " + ", ".join(printable(w) for w in written))
+            except Exception as e:  # one image's failure, whatever it is, must not stop the batch
                 failures += 1
-                click.echo(f"\nError: {image}: {e}" if show_bar else f"Error: {image}: {e}", err=True)
+                if debug:
+                    click.echo(lead + traceback.format_exc().rstrip(), err=True)
+                click.echo(f"{lead}Error: {printable(image)}: {_error_line(e, 'heatmap')}", err=True)
                 continue
-            lines = [f"{image} ({result.image.width}x{result.image.height} px, map {result.logits.shape[1]}x"
-                     f"{result.logits.shape[2]}):"]
-            shown = [result.prediction(q) for q in queries] or result.top(top_k)
-            for p in shown:
-                box = ", ".join(f"{v:.0f}" for v in p.box)
-                lines.append(f"  {p.name:<24} {p.score:6.3f}  peak cell {p.cell}  box ({box})")
-            lines.append("  wrote " + ", ".join(str(w) for w in written))
-            click.echo(("\n" if show_bar else "") + "\n".join(lines))
+            click.echo(lead + "\n".join(lines))
     if failures:
         raise click.ClickException(f"{failures} of {len(images)} images failed")
+
+
+@contextmanager
+def _pillow_limit() -> Iterator[None]:
+    """In the command, convify's own bound on decoded pixels (MAX_IMAGE_PIXELS) replaces Pillow's lower
+    default (89 MP); the library leaves Pillow's setting to the application that imports it."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limits.MAX_IMAGE_PIXELS
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 @cli.command()
@@ -186,28 +250,37 @@ def info(file: str) -> None:
     """
     from .fcn import load
 
-    try:
-        fcn = load(file)
-    except ConvifyError as e:
-        raise click.ClickException(str(e)) from None
+    fcn = load(file)
     meta = fcn.meta
-    click.echo(f"{file}: convify fully-convolutional network ({_params(fcn)})")
-    click.echo(f"Architecture: {meta.arch or 'unknown'}")
-    mean = ", ".join(f"{v:.3f}" for v in meta.mean)
-    std = ", ".join(f"{v:.3f}" for v in meta.std)
-    click.echo(f"Input: native {meta.input_size} px, RGB mean ({mean}), std ({std})")
+    click.echo(f"{printable(file)}: convify fully-convolutional network ({_params(fcn)})")
+    click.echo(f"Architecture: {printable(meta.arch or 'unknown')}")
+    mean = ", ".join(f"{_number(v, '.3f')}" for v in meta.mean)
+    std = ", ".join(f"{_number(v, '.3f')}" for v in meta.std)
+    click.echo(f"Input: native {printable(meta.input_size)} px, RGB mean ({mean}), std ({std})")
     if meta.classes:
-        first = ", ".join(meta.classes[:3])
+        first = ", ".join(printable(c, 60) for c in meta.classes[:3])
         click.echo(f"Classes: {len(meta.classes)} ({first}, ...)")
     else:
         click.echo("Classes: unnamed")
     click.echo(_geometry_lines(fcn))
     if fcn.rewrites:
-        click.echo("Rewrites:")
-        width = max(len(r.layer) for r in fcn.rewrites)
-        for r in fcn.rewrites:
-            click.echo(f"  {r.layer:<{width}}  {r.before}  ->  {r.after}")
+        click.echo(_rewrite_lines(fcn))
     click.echo(_check_line(fcn))
+
+
+def _number(value: Any, spec: str) -> str:
+    """A number from a file formatted with ``spec``; anything else shown escaped, not crashed on."""
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError, OverflowError):
+        return printable(repr(value), 40)
+
+
+def _rewrite_lines(fcn) -> str:
+    """``Rewrites:`` and one line per rewrite, layer names aligned; names and descriptions escaped."""
+    rows = [(printable(r.layer, 120), printable(r.before, 200), printable(r.after, 200)) for r in fcn.rewrites]
+    width = max((len(layer) for layer, _, _ in rows), default=0)
+    return "\n".join(["Rewrites:"] + [f"  {layer:<{width}}  {before}  ->  {after}" for layer, before, after in rows])
 
 
 def _geometry_lines(fcn) -> str:
@@ -220,7 +293,8 @@ def _geometry_lines(fcn) -> str:
         f"  map size: {big}x{big} px in -> {h}x{w} cells out; smallest input {g.min_input_size()} px",
     ]
     if not g.local:
-        shown = ", ".join(g.global_context[:3]) + (", ..." if len(g.global_context) > 3 else "")
+        shown = ", ".join(printable(n, 80) for n in g.global_context[:3])
+        shown += ", ..." if len(g.global_context) > 3 else ""
         lines.append(f"  not local: {len(g.global_context)} layers see the whole image ({shown})")
     return "\n".join(lines)
 
@@ -229,8 +303,10 @@ def _check_line(fcn) -> str:
     check = fcn.check
     if not check:
         return "Check: not checked against the original"
-    head = f"Check: equals the original at {fcn.meta.input_size} px: max |difference|"
+    head = f"Check: equals the original at {printable(fcn.meta.input_size)} px: max |difference|"
+    if not isinstance(check, dict):
+        return f"Check: {printable(repr(check), 80)}"
     if check.get("max_abs_diff_float64") is None:
-        return f"{head} {check['max_abs_diff']:.2g} (float32)"
-    return (f"{head} {check['max_abs_diff_float64']:.2g} in float64 ({check['max_abs_diff']:.2g} in float32: "
-            "rounding from a different summation order)")
+        return f"{head} {_number(check.get('max_abs_diff'), '.2g')} (float32)"
+    return (f"{head} {_number(check['max_abs_diff_float64'], '.2g')} in float64 "
+            f"({_number(check.get('max_abs_diff'), '.2g')} in float32: rounding from a different summation order)")

@@ -12,25 +12,47 @@ Size policy (``size=``):
   say where they are;
 - an int: the shorter side in pixels;
 - ``None``: the image's own pixels (it must be at least ``geometry.min_input_size()``).
+
+The pixels the network runs on are bounded, so that no image (a 560-byte 40000x4 PNG asks ``auto`` for
+4,480,000x448 px) and no option makes the forward pass allocate without limit: at most ``max_pixels``
+(default :data:`convify.limits.MAX_PIXELS`, 40 MP) and at most :data:`~convify.limits.MAX_SIDE` px on the long
+side. ``auto`` chose the size itself, so it is scaled down to fit (keeping the aspect ratio; the result's
+``input_size`` says what ran). A size the caller asked for (an int, or ``None``) is never changed behind their
+back: it is refused with a :class:`~convify.errors.LimitError` that says what to lower or raise.
+
+Images are read with an allowlist of formats (:data:`IMAGE_FORMATS`: no EPS/PDF or anything that starts
+another program), their declared size is checked against :data:`convify.limits.MAX_IMAGE_PIXELS` and Pillow's
+``Image.MAX_IMAGE_PIXELS`` (whichever is lower) before a pixel is decoded, and whatever goes wrong while
+reading or decoding becomes one :class:`~convify.errors.ImageError` line.
 """
 from __future__ import annotations
 
 import difflib
 import io
 import json
+import math
 import os
+import re
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, BinaryIO, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ConvifyError, ImageError, OutputExistsError
-from .fcn import FullyConvNet, load, write_atomic
+from . import limits
+from .errors import ConvifyError, ImageError, LimitError, OutputExistsError
+from .fcn import FullyConvNet, load
+from .outputs import check_not_inputs, ensure_directory, write_files
 
-__all__ = ["heatmap", "HeatmapResult", "Prediction", "load_image", "resolve_class"]
+__all__ = ["heatmap", "HeatmapResult", "Prediction", "load_image", "resolve_class", "IMAGE_FORMATS"]
+
+# The only formats an image file is read as (Pillow format ids). Nothing here hands the file to another
+# program (EPS and PDF would start Ghostscript) or to a rarely exercised decoder.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "ICO")
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
 ModelLike = Union[FullyConvNet, str, os.PathLike, None]
@@ -61,27 +83,116 @@ def load_image(source: ImageLike) -> Image.Image:
     EXIF orientation is applied; transparency is composited on white; 16-bit and float images are scaled
     to 8 bits; palettes, greyscale and CMYK become RGB.
 
+    A file is opened as one of :data:`IMAGE_FORMATS` only, and its declared size is checked before it is
+    decoded: more than :data:`convify.limits.MAX_IMAGE_PIXELS` pixels, or more than Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` (its decompression-bomb limit, 89 MP by default), is refused.
+
     Raises:
-        ImageError: the file is missing or not an image Pillow can read.
+        ImageError: the file is missing, a directory, unreadable, not in an allowed format, too large, or
+            broken; the message is one line. Nothing else escapes while reading a file.
     """
     if isinstance(source, torch.Tensor):
         return _tensor_to_image(source)
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"no such image: {path}")
-        try:
-            image = Image.open(path)
-            image.load()
-        except (OSError, Image.DecompressionBombError, ValueError) as e:
-            raise ImageError(f"cannot read {path} as an image ({e})") from None
+        return _decode(source, str(getattr(source, "filename", "") or "the image"))
+    path = Path(source)
+    handle = _open_file(path)
+    try:
+        return _decode(_open(handle, path), str(path))
+    finally:
+        handle.close()
+
+
+def _open_file(path: Path) -> BinaryIO:
+    """The file, opened without blocking and only if it is a regular file (a FIFO would hang, a device
+    would stream forever); checked on the open descriptor, so the name cannot be swapped in between."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageError(f"no such image: {path}") from None
+    except PermissionError:
+        raise ImageError(f"cannot open {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path} is a directory, not an image") from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL in it, a loop of links, ...
+        raise ImageError(f"cannot open {path} ({_one_line(e)})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError(f"{path} is a directory, not an image")
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{path} is not a regular file (a pipe, device or socket); give an image file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open(handle: BinaryIO, path: Path) -> Image.Image:
+    """``Image.open`` with the allowlist; Pillow's decompression-bomb warning is an error here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(handle, formats=list(IMAGE_FORMATS))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        numbers = [int(n) for n in re.findall(r"\((\d+) pixels\)", str(e))]
+        declared = f"{numbers[0]:,} pixels" if numbers else "too many pixels"
+        raise ImageError(f"{path} declares {declared}, more than the {Image.MAX_IMAGE_PIXELS:,} allowed; "
+                         "not decoding it (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"cannot read {path} as an image (not a {_format_list()} file, or a damaged one)") from None
+    except MemoryError:
+        raise ImageError(f"cannot read {path}: out of memory reading its header") from None
+    except Exception as e:  # OSError, SyntaxError, struct.error, EOFError, zlib.error, ValueError, ...
+        raise ImageError(f"cannot read {path} as an image ({_one_line(e)})") from None
+
+
+def _decode(image: Image.Image, name: str) -> Image.Image:
+    """Check the declared size, then decode, turn upright and make RGB; every failure one ImageError."""
+    try:
+        _check_declared_size(name, image.width, image.height)
+        image.load()
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"cannot read {name}: out of memory decoding {image.width}x{image.height} px") from None
+    except Exception as e:  # a decoder's complaint about a stranger's bytes: any type, one line
+        raise ImageError(f"cannot read {name} as an image ({_one_line(e)})") from None
     try:
         image = ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise ImageError(f"cannot read {name}: out of memory rotating it upright") from None
     except Exception:  # a broken EXIF block should not stop us; the pixels are fine
         pass
-    return _to_rgb(image)
+    try:
+        return _to_rgb(image)
+    except MemoryError:
+        raise ImageError(f"cannot read {name}: out of memory converting it to RGB") from None
+    except Exception as e:
+        raise ImageError(f"cannot read {name} as an image ({_one_line(e)})") from None
+
+
+def _check_declared_size(name: str, width: int, height: int) -> None:
+    pixels = max(width, 0) * max(height, 0)
+    if pixels > limits.MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name} declares {width}x{height} = {pixels:,} pixels, more than the "
+                         f"{limits.MAX_IMAGE_PIXELS:,} allowed; not decoding it (a decompression bomb?)")
+    if width < 1 or height < 1:
+        raise ImageError(f"{name} declares an empty image ({width}x{height} px)")
+
+
+def _format_list() -> str:
+    names = {"JPEG": "JPEG", "WEBP": "WebP"}
+    shown = [names.get(f, f) for f in IMAGE_FORMATS]
+    return ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: its first line, or its type when it has no message."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -121,18 +232,47 @@ def _tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
 
-def _target_size(width: int, height: int, size: Union[int, str, None], window: int) -> tuple[int, int]:
-    """The ``(width, height)`` the image is resized to under the size policy."""
+def _target_size(width: int, height: int, size: Union[int, str, None], window: int,
+                 max_pixels: int = limits.MAX_PIXELS) -> tuple[tuple[int, int], bool]:
+    """The ``(width, height)`` the image is resized to under the size policy, and whether ``auto`` was capped.
+
+    ``auto`` is scaled down to at most ``max_pixels`` pixels and :data:`~convify.limits.MAX_SIDE` px a side;
+    an explicit size over either bound is refused (module docs).
+
+    Raises:
+        ConvifyError: ``size`` is not a size.
+        LimitError: an explicit size (or the image's own, for None) is over a bound; the message says what
+            to lower or raise.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConvifyError(f"max_pixels must be a positive number of pixels; got {max_pixels!r}")
     if size is None or size == "none":
-        return width, height
-    if size == "auto":
-        shorter = 2 * window
-    elif isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        shorter = size
+        target = (width, height)
     else:
-        raise ConvifyError(f"size must be 'auto', a positive number of pixels or None; got {size!r}")
-    scale = shorter / min(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+        if size == "auto":
+            shorter = 2 * window
+        elif isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            if size > limits.MAX_SIDE:
+                raise LimitError(f"size {size} px is more than the longest side allowed, {limits.MAX_SIDE} px "
+                                 "(convify.limits.MAX_SIDE); lower --size")
+            shorter = size
+        else:
+            raise ConvifyError(f"size must be 'auto', a positive number of pixels or None; got {size!r}")
+        scale = shorter / min(width, height)
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    w, h = target
+    if max(w, h) <= limits.MAX_SIDE and w * h <= max_pixels:
+        return target, False
+    if size == "auto":
+        factor = min(limits.MAX_SIDE / max(w, h), math.sqrt(max_pixels / (w * h)))
+        return (max(1, math.floor(w * factor)), max(1, math.floor(h * factor))), True
+    at = "at its own size" if size is None or size == "none" else f"at size {size}"
+    lower = "pass a size (--size)" if size is None or size == "none" else "lower --size"
+    if max(w, h) > limits.MAX_SIDE:
+        raise LimitError(f"{at} the image would be {w}x{h} px, longer than the {limits.MAX_SIDE} px a side "
+                         f"allowed (convify.limits.MAX_SIDE); {lower} or crop the image")
+    raise LimitError(f"{at} the image would be {w}x{h} = {w * h:,} pixels, more than the {max_pixels:,} allowed "
+                     f"(--max-pixels, max_pixels=); {lower} or raise --max-pixels")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,13 +333,14 @@ class HeatmapResult:
         log_probs = self._log_probs[index]
         flat = int(torch.argmax(log_probs))
         i, j = divmod(flat, log_probs.shape[1])
-        return Prediction(index, self.classes[index], float(self.probs[index, i, j]), float(self.logits[index, i, j]),
+        score = float(log_probs[i, j].exp().float())
+        return Prediction(index, self.classes[index], score, float(self.logits[index, i, j]),
                           (i, j), tuple(float(v) for v in self.boxes[i, j]))
 
     def top(self, k: int = 5) -> list[Prediction]:
         """The ``k`` classes with the highest probability in any cell, best first."""
         best = self._log_probs.flatten(1).max(dim=1).values
-        order = torch.argsort(best, descending=True)[: max(0, k)]
+        order = torch.argsort(best, descending=True)[: max(0, min(int(k), len(best)))]
         return [self.prediction(int(c)) for c in order]
 
     def overlay(self, query: Union[str, int], **style: Any) -> Image.Image:
@@ -211,10 +352,11 @@ class HeatmapResult:
                        label=f"{self.classes[index]}", **style)
 
     def grid(self, k: int = 3, **style: Any) -> Image.Image:
-        """The top-``k`` classes' overlays side by side in one image."""
+        """The top-``k`` classes' overlays side by side in one image (at most
+        :data:`convify.limits.MAX_GRID_PANELS` of them: each is the size of the photo)."""
         from .render import grid
 
-        return grid([self.overlay(p.index, **style) for p in self.top(k)])
+        return grid([self.overlay(p.index, **style) for p in self.top(min(k, limits.MAX_GRID_PANELS))])
 
     def _region_step(self) -> tuple[float, float]:
         sx, sy = self.scale
@@ -236,14 +378,20 @@ class HeatmapResult:
 
     def save(self, directory: Union[str, os.PathLike], *, stem: Optional[str] = None,
              queries: Sequence[Union[str, int]] = (), k: int = 3, formats: Sequence[str] = ("png", "json", "npy"),
-             force: bool = False) -> list[Path]:
-        """Write overlays, a JSON summary and the raw maps into ``directory``.
+             force: bool = False, inputs: Sequence[Union[str, os.PathLike]] = ()) -> list[Path]:
+        """Write overlays, a JSON summary and the raw maps into ``directory``, all or nothing.
 
         Files: ``STEM.heatmap.png`` (the top-``k`` grid) or, for classes asked by ``queries``, one
         ``STEM.CLASS.png`` each; ``STEM.json`` (:meth:`summary`); ``STEM.logits.npy`` (the raw ``(C, H', W')``
-        float32 scores, unchanged) and ``STEM.boxes.npy`` (``(H', W', 4)``).
+        float32 scores, unchanged) and ``STEM.boxes.npy`` (``(H', W', 4)``). Every file is written beside its
+        target and renamed into place only once all are written (:func:`convify.outputs.write_files`).
+
+        Args:
+            inputs: files this run reads (other images, the model); with the result's own image, none of
+                them is ever overwritten, ``force`` or not.
 
         Raises:
+            OutputError: a file would overwrite an input, or cannot be written (nothing is written).
             OutputExistsError: a file would be overwritten and ``force`` is False (nothing is written).
         """
         directory = Path(directory)
@@ -266,14 +414,12 @@ class HeatmapResult:
         if "npy" in formats:
             planned.append((directory / f"{stem}.logits.npy", lambda: _npy(self.logits)))
             planned.append((directory / f"{stem}.boxes.npy", lambda: _npy(self.boxes)))
+        check_not_inputs([p for p, _ in planned], [self.source, *inputs])
         existing = [str(p) for p, _ in planned if p.exists()]
         if existing and not force:
             raise OutputExistsError(f"{existing[0]} already exists; use --force (force=True) to overwrite it")
-        directory.mkdir(parents=True, exist_ok=True)
-        for path, make in planned:
-            data = make()
-            write_atomic(path, lambda f: f.write(data))
-        return [p for p, _ in planned]
+        ensure_directory(directory)
+        return write_files([(path, lambda f, make=make: f.write(make())) for path, make in planned])
 
 
 def _prediction_dict(p: Prediction) -> dict[str, Any]:
@@ -347,7 +493,8 @@ def _as_network(model: ModelLike) -> FullyConvNet:
 
 
 @torch.inference_mode()
-def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto") -> HeatmapResult:
+def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto",
+            max_pixels: int = limits.MAX_PIXELS) -> HeatmapResult:
     """Class score maps for one image, from one forward pass.
 
     Args:
@@ -355,12 +502,16 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         model: a :class:`FullyConvNet`, the path of a converted file, or None for the default model
             (EfficientNet-Lite0 with ImageNet weights, offline).
         size: ``"auto"``, the shorter side in pixels, or None for the image's own pixels (module docs).
+        max_pixels: the most pixels the network may run on (default :data:`convify.limits.MAX_PIXELS`);
+            ``auto`` is scaled down to fit, an explicit size over it is refused.
 
     Returns:
         A :class:`HeatmapResult` with ``(C, H', W')`` logits and boxes in the original image's pixels.
 
     Raises:
-        ConvifyError: the image cannot be read, or is too small for the network at that size.
+        ImageError: the image cannot be read, or is too small (or too elongated) for the network.
+        LimitError: the size asked for is over ``max_pixels`` or MAX_SIDE, or the run is out of memory.
+        ConvifyError: a bad argument.
 
     Examples::
 
@@ -371,24 +522,41 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     fcn = _as_network(model)
     picture = load_image(image)
     meta, geometry = fcn.meta, fcn.geometry
-    width, height = _target_size(picture.width, picture.height, size, geometry.window)
+    (width, height), capped = _target_size(picture.width, picture.height, size, geometry.window, max_pixels)
     if min(geometry.output_size(height, width)) < 1:
-        raise ConvifyError(f"the image is {width}x{height} px at this size; the network needs at least "
-                           f"{geometry.min_input_size()} px a side (use a larger size)")
-    resized = picture if (width, height) == picture.size else picture.resize((width, height), Image.BICUBIC)
-    x = _normalise(resized, meta.mean, meta.std)
-    param = next(iter(fcn.parameters()), None)
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype)
-    fcn.eval()
-    out = fcn(x)
-    maps = out[0] if isinstance(out, (tuple, list)) else out
-    logits = maps[0].float().cpu()
-    boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height))
+        if capped:
+            raise ImageError(f"the image is {picture.width}x{picture.height} px: scaled to fit the bounds on the "
+                             f"network's input it is {width}x{height} px, and the network needs at least "
+                             f"{geometry.min_input_size()} px a side (its aspect ratio is too extreme: crop it)")
+        raise ImageError(f"the image is {width}x{height} px at this size; the network needs at least "
+                         f"{geometry.min_input_size()} px a side (use a larger size)")
+    try:
+        resized = picture if (width, height) == picture.size else picture.resize((width, height), Image.BICUBIC)
+        x = _normalise(resized, meta.mean, meta.std)
+        param = next(iter(fcn.parameters()), None)
+        if param is not None:
+            x = x.to(device=param.device, dtype=param.dtype)
+        fcn.eval()
+        out = fcn(x)
+        maps = out[0] if isinstance(out, (tuple, list)) else out
+        logits = maps[0].float().cpu()
+        boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height))
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
+            raise
+        raise LimitError(f"out of memory running the network on {width}x{height} px "
+                         "(lower --size or --max-pixels)") from None
     classes = list(meta.classes) if meta.classes and len(meta.classes) == logits.shape[0] else \
         [f"class {i}" for i in range(logits.shape[0])]
     source = str(image) if isinstance(image, (str, os.PathLike)) else None
     return HeatmapResult(picture, logits, classes, boxes, centers, (width, height), geometry, meta.arch, source)
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    """torch reports a failed allocation as a RuntimeError (CPU) or OutOfMemoryError (accelerators)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    text = str(error).lower()
+    return (oom is not None and isinstance(error, oom)) or "can't allocate memory" in text or "out of memory" in text
 
 
 def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -401,13 +569,17 @@ def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) 
 
 def _cell_boxes(geometry: Any, map_size: Sequence[int], original: tuple[int, int],
                 resized: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(H', W', 4)`` boxes and ``(H', W', 2)`` centres in original pixels (continuous coordinates)."""
+    """``(H', W', 4)`` boxes and ``(H', W', 2)`` centres in original pixels (continuous coordinates).
+
+    A cell's x-extent depends on its column only and its y-extent on its row only, so this asks the
+    geometry about one row and one column (``H' + W'`` calls, not ``H' * W'``).
+    """
     rows, cols = int(map_size[0]), int(map_size[1])
     sx, sy = original[0] / resized[0], original[1] / resized[1]
-    boxes = torch.empty(rows, cols, 4, dtype=torch.float64)
-    for i in range(rows):
-        for j in range(cols):
-            x0, y0, x1, y1 = geometry.cell_box(i, j)
-            boxes[i, j] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy], dtype=torch.float64)
+    xs = torch.tensor([geometry.cell_box(0, j)[0::2] for j in range(cols)], dtype=torch.float64).reshape(cols, 2)
+    ys = torch.tensor([geometry.cell_box(i, 0)[1::2] for i in range(rows)], dtype=torch.float64).reshape(rows, 2)
+    xs, ys = xs * sx, ys * sy  # (W', 2) x0, x1 and (H', 2) y0, y1 in original pixels
+    boxes = torch.stack([xs[None, :, 0].expand(rows, cols), ys[:, None, 0].expand(rows, cols),
+                         xs[None, :, 1].expand(rows, cols), ys[:, None, 1].expand(rows, cols)], dim=-1)
     centers = torch.stack([(boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2], dim=-1)
     return boxes.float(), centers.float()

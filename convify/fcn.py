@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NamedTuple, Optional, Union
@@ -13,8 +12,10 @@ import torch
 from torch import nn
 
 from . import limits
+from .checkpoint import check_tensors, read_data_file
 from .errors import LimitError, ModelLoadError, OutputExistsError
 from .geometry import Geometry
+from .outputs import write_atomic
 from .serialize import graph_from_data, graph_to_data
 
 __all__ = ["FullyConvNet", "ModelMeta", "Rewrite", "load", "is_convify_file"]
@@ -115,21 +116,6 @@ class FullyConvNet(nn.Module):
         return path
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
-
-    A failure (or Ctrl-C) leaves neither a half-written ``path`` nor the temporary file.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def is_convify_file(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a file written by :meth:`FullyConvNet.save` (read safely, weights_only).
 
@@ -159,26 +145,29 @@ def load(path: Union[str, os.PathLike], map_location: Union[str, torch.device] =
     if not path.is_file():
         raise ModelLoadError(f"no such file: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except MemoryError:
-        raise ModelLoadError(f"out of memory reading {path}") from None
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types; the user needs the reason
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelLoadError(f"{path} is not a convify file ({reason}); "
+        payload = read_data_file(path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path} is not a convify file ({str(e).removeprefix(str(path)).lstrip(' :')}); "
                              "convert a model first with `convify convert`") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("convify"), str) \
             or not isinstance(payload.get("tensors"), dict):
         raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`")
     try:
-        return _from_payload(payload)
+        return _from_payload(payload, str(path)).to(map_location)
+    except LimitError as e:
+        raise LimitError(_prefixed(path, e)) from None
     except _NotOurs:
         raise ModelLoadError(f"{path} is not a convify file; convert a model first with `convify convert`") from None
     except ModelLoadError as e:
-        raise ModelLoadError(f"{path} {e}" if str(e).startswith("was ") else f"{path}: {e}") from None
+        raise ModelLoadError(f"{path} {e}" if str(e).startswith("was ") else _prefixed(path, e)) from None
     except (ValueError, OverflowError, RecursionError) as e:  # the schema's messages name the field
         raise ModelLoadError(f"{path} is a corrupt convify file: {str(e)[:300]}") from None
     except MemoryError:
         raise ModelLoadError(f"out of memory loading {path}") from None
+
+
+def _prefixed(path: Path, error: Exception) -> str:
+    return str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
 
 
 class _NotOurs(Exception):
@@ -188,7 +177,7 @@ class _NotOurs(Exception):
 _HEADER_FIELDS = {"format", "version", "graph", "geometry", "meta", "rewrites", "check"}
 
 
-def _from_payload(payload: dict) -> FullyConvNet:
+def _from_payload(payload: dict, source: str) -> FullyConvNet:
     """Check a loaded file's header and tensors against the schema, then build the network."""
     text = payload["convify"]
     if len(text) > limits.MAX_HEADER_BYTES:
@@ -202,7 +191,7 @@ def _from_payload(payload: dict) -> FullyConvNet:
                              f"{ascii(header.get('version'))[:20]}); convert the model again")
     if set(header) != _HEADER_FIELDS:
         raise ValueError(f"the header must have exactly the fields {', '.join(sorted(_HEADER_FIELDS))}")
-    tensors = _checked_tensors(payload["tensors"])
+    tensors = _checked_tensors(payload["tensors"], source)
     meta = _meta_from(header["meta"])
     geometry = Geometry.from_dict(header["geometry"])
     if geometry.window != meta.input_size:
@@ -213,45 +202,12 @@ def _from_payload(payload: dict) -> FullyConvNet:
     return FullyConvNet(net, geometry, meta, rewrites, check)
 
 
-def _checked_tensors(tensors: dict) -> dict[str, torch.Tensor]:
+def _checked_tensors(tensors: dict, source: str) -> dict[str, torch.Tensor]:
     """The file's tensors, each a plain tensor that owns the storage its shape claims, all finite, bounded."""
-    if len(tensors) > limits.MAX_TENSORS:
-        raise ModelLoadError(f"the file holds {len(tensors)} tensors; convify reads at most {limits.MAX_TENSORS}")
-    total = 0
-    for name, tensor in tensors.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise ValueError("tensors must map names to tensors")
-        check_tensor(tensor, ascii(name)[1:-1][:80])
-        total += tensor.numel()
-        if total > limits.MAX_PARAMETERS:
-            raise LimitError(f"the network has over {limits.MAX_PARAMETERS} weights "
-                             "(convify.limits.MAX_PARAMETERS)")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise ValueError("tensors must map names to tensors")
+    check_tensors(tensors, source)
     return tensors
-
-
-def check_tensor(tensor: torch.Tensor, name: str) -> None:
-    """Refuse a tensor that claims more than it stores, or holds NaN/Inf.
-
-    A file can describe a tensor as a view with zero or overlapping strides over a tiny storage (a
-    3,000,000-class classifier from a few bytes): its shape is then a lie that later copies turn into
-    gigabytes. Every tensor must own at least ``numel`` elements of storage, without zero strides.
-
-    Raises:
-        ModelLoadError: naming the tensor.
-    """
-    if tensor.layout != torch.strided or tensor.is_quantized:
-        raise ModelLoadError(f"tensor '{name}' is not a dense tensor")
-    if tensor.numel() == 0:
-        return
-    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
-        raise ModelLoadError(f"tensor '{name}' repeats one stored value along a dimension (an expanded view)")
-    reach = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    stored = tensor.untyped_storage().nbytes()
-    if (reach + 1) * tensor.element_size() > stored or tensor.numel() * tensor.element_size() > stored:
-        raise ModelLoadError(f"tensor '{name}' claims {tensor.numel()} elements but stores "
-                             f"{stored // tensor.element_size()}")
-    if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-        raise ModelLoadError(f"tensor '{name}' holds NaN or infinite values")
 
 
 def _number(value: Any, where: str, positive: bool = False) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
     "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
+    "MAX_GRID_PANELS",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -39,3 +40,6 @@ MAX_PICKLE_BYTES = 64 * 1024 * 1024
 # How deep the layers of a pickled whole model nest: torchvision and timm models are under 10 deep, and
 # a much deeper one would hit Python's recursion limit in every walk over its layers.
 MAX_MODULE_DEPTH = 100
+# Overlays drawn side by side in one top-k grid image: each is the size of the photo, so ``--top-k 1000``
+# must not ask for a thousand of them (the printed list and the JSON summary still take all k).
+MAX_GRID_PANELS = 16

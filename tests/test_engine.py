@@ -625,3 +625,250 @@ def test_classes_without_names_are_numbered():
     result = convify.heatmap(scene(16), model=fcn)
     assert result.classes == ["class 0", "class 1"]
     assert result.class_index("class 1") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile images, sizes and outputs
+
+import errno  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from convify import ImageError, LimitError, OutputError, limits  # noqa: E402
+from convify.engine import _target_size  # noqa: E402
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def encoded(fmt: str, size: tuple[int, int] = (24, 16), mode: str = "RGB", **options) -> bytes:
+    """A small noisy image in ``fmt``, as bytes."""
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").convert(mode)
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny 1-bit PNG whose IHDR (with a valid CRC) declares ``width x height``."""
+    data = encoded("PNG", (8, 8), "1")
+    assert data[12:16] == b"IHDR"
+    body = struct.pack(">II", width, height) + data[24:29]
+    return data[:16] + body + struct.pack(">I", zlib.crc32(b"IHDR" + body)) + data[33:]
+
+
+def test_hostile_files_are_one_line_image_errors(tmp_path):
+    jpeg = encoded("JPEG", (64, 64))
+    cases = {
+        "dir.png": None,
+        "broken.png": encoded("PNG")[:40] + b"\x00\x01\x02" + encoded("PNG")[43:],
+        "cut.png": encoded("PNG")[:60],
+        "cut.jpg": jpeg[: len(jpeg) // 2],
+        "empty.png": b"",
+        "bomb.png": png_declaring(40000, 40000),
+        "script.eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+        "drawing.svg": b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>",
+        "doc.pdf": b"%PDF-1.4\n1 0 obj<<>>endobj\n",
+    }
+    for name, data in cases.items():
+        if data is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(data)
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    formats = "not a PNG, JPEG, WebP, TIFF, BMP, GIF, PPM or ICO file, or a damaged one"
+    expected = {
+        "dir.png": f"{tmp_path / 'dir.png'} is a directory, not an image",
+        "broken.png": f"cannot read {tmp_path / 'broken.png'} as an image ({formats})",
+        "cut.png": f"cannot read {tmp_path / 'cut.png'} as an image (image file is truncated)",
+        "cut.jpg": f"cannot read {tmp_path / 'cut.jpg'} as an image (image file is truncated",
+        "empty.png": f"cannot read {tmp_path / 'empty.png'} as an image ({formats})",
+        "bomb.png": f"{tmp_path / 'bomb.png'} declares 1,600,000,000 pixels, more than the "
+                    f"{Image.MAX_IMAGE_PIXELS:,} allowed; not decoding it (a decompression bomb?)",
+        "script.eps": f"cannot read {tmp_path / 'script.eps'} as an image ({formats})",
+        "drawing.svg": f"cannot read {tmp_path / 'drawing.svg'} as an image ({formats})",
+        "doc.pdf": f"cannot read {tmp_path / 'doc.pdf'} as an image ({formats})",
+        "pipe.png": f"{tmp_path / 'pipe.png'} is not a regular file (a pipe, device or socket); give an image file",
+    }
+    for name, message in expected.items():
+        with pytest.raises(ImageError) as error:
+            convify.load_image(tmp_path / name)
+        assert str(error.value).startswith(message), name
+        assert "\n" not in str(error.value)
+
+
+def test_a_bomb_between_pillows_limit_and_convifys_is_refused_by_our_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the application turned Pillow's check off
+    (tmp_path / "bomb.png").write_bytes(png_declaring(20000, 20000))
+    with pytest.raises(ImageError) as error:
+        convify.load_image(tmp_path / "bomb.png")
+    assert str(error.value) == (f"{tmp_path / 'bomb.png'} declares 20000x20000 = 400,000,000 pixels, more than "
+                                f"the {limits.MAX_IMAGE_PIXELS:,} allowed; not decoding it (a decompression bomb?)")
+
+
+def test_unreadable_file_simulated(tmp_path, monkeypatch):
+    path = tmp_path / "secret.png"
+    path.write_bytes(encoded("PNG"))
+    real_open = os.open
+
+    def refuse(name, *args, **kwargs):
+        if Path(name) == path:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(ImageError) as error:
+        convify.load_image(path)
+    assert str(error.value) == f"cannot open {path}: permission denied"
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root reads a 0000 file anyway")
+def test_unreadable_file_for_real(tmp_path):
+    path = tmp_path / "secret.png"
+    path.write_bytes(encoded("PNG"))
+    path.chmod(0)
+    with pytest.raises(ImageError, match="permission denied"):
+        convify.load_image(path)
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"quality": 80}),
+                                          ("TIFF", {}), ("TIFF", {"compression": "tiff_deflate"}), ("GIF", {}),
+                                          ("BMP", {}), ("PPM", {}), ("ICO", {"sizes": [(24, 16)]})])
+def test_allowed_formats_load(tmp_path, fmt, options):
+    path = tmp_path / f"image.{fmt.lower()}"
+    path.write_bytes(encoded(fmt, (24, 16), **options))
+    assert convify.load_image(path).size == (24, 16)
+
+
+FUZZ_SEEDS = {fmt: encoded(fmt, (12, 10), **options) for fmt, options in
+              [("PNG", {}), ("JPEG", {"quality": 75}), ("WEBP", {"quality": 75}), ("TIFF", {}),
+               ("GIF", {})]}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(sorted(FUZZ_SEEDS)), data=st.data())
+def test_fuzzed_image_files_only_ever_raise_image_error(tmp_path, monkeypatch, fmt, data):
+    monkeypatch.setattr(limits, "MAX_IMAGE_PIXELS", 4_000_000)  # keep the decoding of a mutated size quick
+    raw = bytearray(FUZZ_SEEDS[fmt])
+    for _ in range(data.draw(st.integers(1, 8), label="mutations")):
+        at = data.draw(st.integers(0, len(raw) - 1), label="at")
+        raw[at] = data.draw(st.integers(0, 255), label="byte")
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw)), label="length")]
+    path = tmp_path / f"fuzz.{fmt.lower()}"
+    path.write_bytes(bytes(raw))
+    try:
+        image = convify.load_image(path)
+    except ImageError as e:
+        assert "\n" not in str(e)
+    else:
+        assert image.mode == "RGB"
+
+
+def test_size_policy_is_bounded():
+    window = 224
+    # the 560-byte 40000x4 PNG: auto used to ask for 4,480,000 x 448 px; it is now capped, keeping the ratio
+    (w, h), capped = _target_size(40000, 4, "auto", window)
+    assert capped and (w, h) == (limits.MAX_SIDE, 1)
+    (w, h), capped = _target_size(8000, 6000, "auto", window, max_pixels=100_000)
+    assert capped and w * h <= 100_000 and abs(w / h - 4 / 3) < 0.01
+    assert _target_size(600, 400, "auto", window) == ((672, 448), False)
+    with pytest.raises(LimitError) as error:
+        _target_size(40000, 4, 5000, window)
+    assert str(error.value) == ("at size 5000 the image would be 50000000x5000 px, longer than the 16384 px a side "
+                                "allowed (convify.limits.MAX_SIDE); lower --size or crop the image")
+    with pytest.raises(LimitError) as error:
+        _target_size(6000, 4000, None, window, max_pixels=1_000_000)
+    assert str(error.value) == ("at its own size the image would be 6000x4000 = 24,000,000 pixels, more than the "
+                                "1,000,000 allowed (--max-pixels, max_pixels=); pass a size (--size) or raise "
+                                "--max-pixels")
+    with pytest.raises(LimitError) as error:
+        _target_size(600, 400, 100_000, window)
+    assert str(error.value) == ("size 100000 px is more than the longest side allowed, 16384 px "
+                                "(convify.limits.MAX_SIDE); lower --size")
+    for bad in (0, -1, 2.5, True, "many"):
+        with pytest.raises(ConvifyError, match="max_pixels must be"):
+            _target_size(600, 400, "auto", window, max_pixels=bad)
+
+
+def test_an_extremely_wide_image_is_refused_with_the_reason(red_net, tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (40000, 4), (200, 10, 10)).save(path)
+    assert path.stat().st_size < 1000
+    with pytest.raises(ImageError) as error:
+        convify.heatmap(path, model=red_net)
+    assert str(error.value) == ("the image is 40000x4 px: scaled to fit the bounds on the network's input it is "
+                                "16384x1 px, and the network needs at least 32 px a side (its aspect ratio is too "
+                                "extreme: crop it)")
+
+
+def test_max_pixels_caps_auto_and_refuses_an_explicit_size(red_net):
+    result = convify.heatmap(scene(16), model=red_net, max_pixels=3000)
+    assert result.input_size[0] * result.input_size[1] <= 3000 and result.input_size == (63, 47)
+    with pytest.raises(LimitError, match=r"203x151 = 30,653 pixels, more than the 3,000 allowed"):
+        convify.heatmap(scene(16), model=red_net, size=None, max_pixels=3000)
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:121] "
+                                                                 "DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_in_the_forward_pass_is_a_limit_error(failure, monkeypatch):
+    net = red_network()
+
+    def explode(x):
+        raise failure
+
+    monkeypatch.setattr(net, "forward", explode)
+    with pytest.raises(LimitError) as error:
+        convify.heatmap(scene(16), model=net)
+    assert str(error.value) == "out of memory running the network on 86x64 px (lower --size or --max-pixels)"
+    monkeypatch.setattr(net, "forward", lambda x: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised
+        convify.heatmap(scene(16), model=net)
+
+
+def test_top_k_larger_than_the_classes_and_the_grid_cap(red_net):
+    result = convify.heatmap(scene(16), model=red_net)
+    assert [p.name for p in result.top(10**20)] == [p.name for p in result.top(2)]
+    many = convify.HeatmapResult(result.image, torch.randn(40, 3, 4), [f"c{i}" for i in range(40)],
+                                 torch.zeros(3, 4, 4), torch.zeros(3, 4, 2), result.input_size, result.geometry)
+    one = many.overlay(0)
+    grid = many.grid(k=1000)
+    columns, rows = 3, -(-limits.MAX_GRID_PANELS // 3)
+    assert grid.size == (columns * one.width + 2 * 8, rows * one.height + (rows - 1) * 8)
+
+
+def test_save_refuses_to_overwrite_its_own_image_even_with_force(red_net, tmp_path):
+    path = tmp_path / "pic.json"  # a PNG with a misleading name: its summary would be pic.json
+    scene(16).save(path, format="PNG")
+    before = path.read_bytes()
+    result = convify.heatmap(path, model=red_net)
+    with pytest.raises(OutputError, match=r"pic\.json is an input of this run"):
+        result.save(tmp_path, force=True)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["pic.json"]
+    other = tmp_path / "a.json"  # another input of the batch, where this image's summary would go
+    other.write_bytes(b"precious")
+    with pytest.raises(OutputError, match=r"a\.json is an input of this run"):
+        result.save(tmp_path, stem="a", force=True, inputs=[other])
+    assert other.read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "pic.json"]
+
+
+def test_save_on_a_full_disk_writes_nothing(red_result, tmp_path, monkeypatch):
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    import convify.outputs
+
+    monkeypatch.setattr(convify.outputs.os, "fdopen", 
+                        lambda fd, mode="r", *a, real=os.fdopen, **k:
+                        FullDisk(fd, "wb") if "w" in mode else real(fd, mode, *a, **k))
+    with pytest.raises(OutputError, match=r"^cannot write .*: no space left on the device$"):
+        red_result.save(tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []
