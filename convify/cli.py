@@ -83,8 +83,9 @@ def _params(module) -> str:
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the converted network (default: beside MODEL, NAME.fcn.pt).")
 @click.option("--arch", help="Architecture of a state_dict file: vgg16, resnet50, timm:efficientnet_lite0, ...")
-@click.option("--input-size", type=click.IntRange(min=1),
-              help="Native input size in pixels (default: the architecture's, else 224).")
+@click.option("--input-size", type=click.IntRange(min=1, max=limits.MAX_INPUT_SIZE),
+              help=f"Native input size in pixels, at most {limits.MAX_INPUT_SIZE} (default: the architecture's, "
+                   "else 224).")
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--trust-pickle", is_flag=True,
               help="Unpickle a whole model even if it uses classes outside torch/torchvision/timm "

@@ -35,7 +35,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConversionError
+from . import limits
+from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
 from .layers import PointwiseConv2d
@@ -93,8 +94,11 @@ def convert(
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if input_size is None:
         input_size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    if not isinstance(input_size, int) or input_size < 1:
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
         raise ConversionError(f"input_size must be a positive number of pixels, got {input_size!r}")
+    if input_size > limits.MAX_INPUT_SIZE:
+        raise LimitError(f"input_size {input_size} is more than the {limits.MAX_INPUT_SIZE} px convify allows "
+                         "(convify.limits.MAX_INPUT_SIZE); give the size the model was trained at")
     meta = ModelMeta(
         arch=arch,
         input_size=input_size,

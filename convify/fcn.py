@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ class FullyConvNet(nn.Module):
     window ``geometry.cell_box(i, j)``. Models whose head returns several outputs return a tuple of maps.
 
     Attributes:
-        net: the rewritten graph (a ``torch.fx.GraphModule``).
+        net: the rewritten graph: a ``torch.fx.GraphModule`` from convert, a :class:`~convify.serialize.StoredGraph` from a file.
         geometry: where every cell lies (:class:`~convify.geometry.Geometry`).
         meta: architecture, native input size, preprocessing and class names (:class:`ModelMeta`).
         rewrites: what convert changed, layer by layer.
@@ -69,7 +69,7 @@ class FullyConvNet(nn.Module):
             ``{"dtype": ..., "max_abs_diff": float32 difference, "max_abs_diff_float64": ... or None}``.
     """
 
-    def __init__(self, net: fx.GraphModule, geometry: Geometry, meta: ModelMeta,
+    def __init__(self, net: nn.Module, geometry: Geometry, meta: ModelMeta,
                  rewrites: Optional[list[Rewrite]] = None, check: Optional[dict] = None) -> None:
         super().__init__()
         self.net = net

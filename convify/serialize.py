@@ -18,7 +18,7 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.fx as fx

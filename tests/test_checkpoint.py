@@ -13,8 +13,6 @@ import os
 import pickle
 import struct
 import subprocess
-import sys
-import textwrap
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -32,6 +30,7 @@ from convify.checkpoint import read_checkpoint
 from convify.cli import cli
 from convify.errors import ConversionError, ConvifyError, LimitError, ModelLoadError
 from convify.models import load_model, network_for
+from hostile import bounded_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
@@ -631,44 +630,6 @@ if given is not None:
 # --- memory bombs under an address-space limit -------------------------------------------------
 
 
-_BOUNDED_CHILD = textwrap.dedent("""
-    import json, resource, sys
-    from click.testing import CliRunner
-    from convify.cli import cli
-    import convify.models, torchvision
-    # What the imports take (torch alone maps ~1 GB, ~3.6 GB with CUDA builds), plus 1.5 GiB to work in.
-    size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-    limit = size + 3 * 2 ** 29
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:  # the cap bites: 2 GiB more cannot be had
-        bytearray(2 ** 31)
-        results = [[None, "the memory limit did not hold", None]]
-    except MemoryError:
-        results = []
-    for args in json.loads(sys.argv[1]):
-        result = CliRunner().invoke(cli, args)
-        failed = result.exception is not None and not isinstance(result.exception, SystemExit)
-        results.append([result.exit_code, result.output, type(result.exception).__name__ if failed else None])
-    print(json.dumps(results))
-""")
-
-
-def _bounded_cli(runs: list[list[str]]) -> list[tuple[int, str, Any]]:
-    """Run ``convify ARGS`` for each ARGS in one child process whose address space is capped a little
-    above what its imports take; returns (exit code, output, unexpected exception name) per run."""
-    import resource
-
-    def cap() -> None:  # a hard ceiling even before the child tightens it
-        resource.setrlimit(resource.RLIMIT_AS, (8 * 2 ** 30, 8 * 2 ** 30))
-
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-c", _BOUNDED_CHILD, json.dumps(runs)], capture_output=True,
-                          text=True, timeout=300, preexec_fn=cap, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    return [tuple(r) for r in json.loads(done.stdout.strip().splitlines()[-1])]
-
-
 def _bomb(kind: str, path: Path) -> None:
     if kind == "expanded classifier":
         _expanded_attack(path)
@@ -705,7 +666,7 @@ def test_memory_bombs_fail_cleanly_under_a_memory_limit(tmp_path: Path) -> None:
         runs.append(["convert", str(path), "--arch", "squeezenet1_1", "-o", str(tmp_path / f"o{i}.pt")])
         runs.append(["heatmap", str(tmp_path / "no.png"), "--model", "squeezenet1_1", "--weights", str(path),
                      "-o", str(tmp_path)])
-    results = _bounded_cli(runs)
+    results = bounded_cli(runs)
     assert len(results) == len(runs), results
     for (code, output, unexpected), args in zip(results, runs):
         lines = output.strip().splitlines()

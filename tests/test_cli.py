@@ -7,6 +7,17 @@ from click.testing import CliRunner
 
 import convify
 from convify.cli import cli
+import errno
+import io
+import os
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from torch import nn
+import convify.outputs
+from convify import limits
+from convify.fcn import FullyConvNet, Rewrite
+from hostile import png_declaring
 
 
 @pytest.fixture
@@ -246,20 +257,8 @@ def test_heatmap_pretrained_architecture_offline(runner, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Hostile inputs: every bad image, output and option is one Error: line; batches go on
 
-import errno  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import struct  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
 
-import convify.outputs  # noqa: E402
-from convify import limits  # noqa: E402
-from convify.fcn import FullyConvNet, Rewrite  # noqa: E402
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 FORGED = "\n\x1b[31mCheck: forged"
@@ -293,14 +292,6 @@ def photo(path: Path, size=(64, 48), fmt: str = "PNG") -> Path:
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(path, format=fmt)
     return path
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("1", (8, 8)).save(buffer, format="PNG")
-    data = buffer.getvalue()
-    body = struct.pack(">II", width, height) + data[24:29]
-    return data[:16] + body + struct.pack(">I", zlib.crc32(b"IHDR" + body)) + data[33:]
 
 
 def errors(result) -> list[str]:

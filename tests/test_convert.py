@@ -355,3 +355,10 @@ def test_every_global_pool_spelling_becomes_a_stride_1_pool(pool):
     torch.testing.assert_close(maps, expected)
     if pool == "fixed_avg_pool":
         assert "fixed  AvgPool2d(8x8, stride 8)  ->  AvgPool2d(8x8, stride 1)" in [str(r) for r in fcn.rewrites]
+
+
+def test_an_input_size_beyond_the_limit_is_refused_before_any_work() -> None:
+    from convify import LimitError, limits
+
+    with pytest.raises(LimitError, match=f"more than the {limits.MAX_INPUT_SIZE} px"):
+        convify.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 10 ** 12)

@@ -18,6 +18,14 @@ import convify
 from convify import ConvifyError, OutputExistsError
 from convify.engine import resolve_class
 from convify.models import default_network
+import errno
+import io
+import os
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from convify import ImageError, LimitError, OutputError, limits
+from convify.engine import _target_size
+from hostile import png_declaring
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat
@@ -630,17 +638,8 @@ def test_classes_without_names_are_numbered():
 # --------------------------------------------------------------------------------------------------
 # Hostile images, sizes and outputs
 
-import errno  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import struct  # noqa: E402
-import zlib  # noqa: E402
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
-from convify import ImageError, LimitError, OutputError, limits  # noqa: E402
-from convify.engine import _target_size  # noqa: E402
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -652,14 +651,6 @@ def encoded(fmt: str, size: tuple[int, int] = (24, 16), mode: str = "RGB", **opt
     buffer = io.BytesIO()
     picture.save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny 1-bit PNG whose IHDR (with a valid CRC) declares ``width x height``."""
-    data = encoded("PNG", (8, 8), "1")
-    assert data[12:16] == b"IHDR"
-    body = struct.pack(">II", width, height) + data[24:29]
-    return data[:16] + body + struct.pack(">I", zlib.crc32(b"IHDR" + body)) + data[33:]
 
 
 def test_hostile_files_are_one_line_image_errors(tmp_path):

@@ -22,6 +22,8 @@ from torch import nn
 
 import convify
 from convify import ConvifyError, ModelLoadError, OutputExistsError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 fcn_module = importlib.import_module("convify.fcn")
@@ -740,8 +742,6 @@ def test_the_file_is_data_that_weights_only_loads(tmp_path: Path, small_fcn: con
 # --------------------------------------------------------------------------------------------------
 # Fuzzing: damaged and hostile files give ModelLoadError and nothing else
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _FUZZ = settings(max_examples=int(os.environ.get("CONVIFY_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -8,11 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 import convify
