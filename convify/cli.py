@@ -145,6 +145,27 @@ class _Size(click.ParamType):
         self.fail(f"{printable(value, limit=40)!r} is not 'auto', 'none' or a positive number of pixels", param, ctx)
 
 
+class _Bytes(click.ParamType):
+    """A number of bytes: ``2G``, ``500M``, ``1.5GB``, ``123456``."""
+
+    name = "BYTES"
+    _UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in "kmgt" else (text, "")
+        try:
+            amount = float(number) * self._UNITS[unit] if len(number) <= 20 else -1.0
+        except ValueError:
+            amount = -1.0
+        if not 2 ** 20 <= amount <= 2 ** 50:
+            self.fail(f"{printable(value, limit=40)!r} is not an amount of memory from 1M to 1024T "
+                      "(write 2G, 500M, ...)", param, ctx)
+        return int(amount)
+
+
 @cli.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", help="A converted file, a model file convify convert accepts, or an architecture "
@@ -159,7 +180,9 @@ class _Size(click.ParamType):
               help="Shorter side the image is resized to: auto (twice the window, scaled down to fit "
                    f"--max-pixels), a number (at most {limits.MAX_SIDE}), or none.")
 @click.option("--max-pixels", "max_pixels", type=click.IntRange(min=1), default=limits.MAX_PIXELS,
-              show_default=True, help="Most pixels the network may run on for one image (memory grows with it).")
+              show_default=True, help="Most pixels the network may run on for one image.")
+@click.option("--max-memory", "max_memory", type=_Bytes(), default="2G", show_default=True,
+              help="Memory budget for the network's tensors; larger images are computed in exact tiles.")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Directory for the files written.")
 @click.option("--format", "formats", default="png,json", show_default=True,
@@ -168,8 +191,8 @@ class _Size(click.ParamType):
 @click.option("--trust-pickle", is_flag=True, help="As for convify convert.")
 @click.pass_context
 def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], weights: Optional[str],
-            queries: tuple[str, ...], top_k: int, size, max_pixels: int, output: Path, formats: str, force: bool,
-            trust_pickle: bool) -> None:
+            queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, output: Path, formats: str,
+            force: bool, trust_pickle: bool) -> None:
     """Draw class heatmaps for IMAGES with one forward pass each.
 
     Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
@@ -206,7 +229,7 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
         for image in bar:
             lead = "\n" if show_bar else ""
             try:
-                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels)
+                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory)
                 written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force, inputs=inputs)
                 lines = [f"{printable(image)} ({result.image.width}x{result.image.height} px, map "
                          f"{result.logits.shape[1]}x{result.logits.shape[2]}):"]

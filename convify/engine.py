@@ -47,6 +47,7 @@ from . import limits
 from .errors import ConvifyError, ImageError, LimitError, OutputExistsError
 from .fcn import FullyConvNet, load
 from .outputs import check_not_inputs, ensure_directory, write_files
+from .tiling import tiled_map
 
 __all__ = ["heatmap", "HeatmapResult", "Prediction", "load_image", "resolve_class", "IMAGE_FORMATS"]
 
@@ -494,8 +495,8 @@ def _as_network(model: ModelLike) -> FullyConvNet:
 
 @torch.inference_mode()
 def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto",
-            max_pixels: int = limits.MAX_PIXELS) -> HeatmapResult:
-    """Class score maps for one image, from one forward pass.
+            max_pixels: int = limits.MAX_PIXELS, max_memory: int = limits.DEFAULT_MAX_MEMORY) -> HeatmapResult:
+    """Class score maps for one image, from one forward pass (or exact tiles of one, see below).
 
     Args:
         image: a path, PIL image or tensor (see :func:`load_image`).
@@ -504,6 +505,9 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         size: ``"auto"``, the shorter side in pixels, or None for the image's own pixels (module docs).
         max_pixels: the most pixels the network may run on (default :data:`convify.limits.MAX_PIXELS`);
             ``auto`` is scaled down to fit, an explicit size over it is refused.
+        max_memory: budget in bytes for the network's tensors (default 2 GB). An image whose pass would
+            need more is computed in exact tiles (:mod:`convify.tiling`): the same map, in bounded memory.
+            The first large image a network sees also measures its bytes per pixel (two passes, cached).
 
     Returns:
         A :class:`HeatmapResult` with ``(C, H', W')`` logits and boxes in the original image's pixels.
@@ -537,9 +541,7 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
         fcn.eval()
-        out = fcn(x)
-        maps = out[0] if isinstance(out, (tuple, list)) else out
-        logits = maps[0].float().cpu()
+        logits = tiled_map(fcn, x, max_memory)
         boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height))
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_out_of_memory(e):

@@ -81,6 +81,60 @@ class Geometry:
         x0, y0, x1, y1 = self.cell_box(i, j)
         return ((x0 + x1) / 2, (y0 + y1) / 2)
 
+    # -- spans: the questions tiling asks (the same along both axes) -------------------------------
+
+    def input_span(self, first: int, last: int) -> tuple[int, int]:
+        """The input pixels ``[start, end)`` along one axis that cells ``first .. last - 1`` read: the union of
+        their receptive fields (it may reach outside the image, into padding)."""
+        return (self.rf_offset + first * self.stride,
+                self.rf_offset + (last - 1) * self.stride + self.receptive_field)
+
+    def exact_cells(self, start: int, end: int, length: int) -> tuple[int, int]:
+        """Which cells a crop computes exactly as the whole image does, along one axis.
+
+        For a crop ``[start, end)`` of an axis ``length`` pixels long, with ``start`` a multiple of the
+        stride (so every layer's grid lines up with the whole image's), cell ``k`` of the whole map equals
+        cell ``k - start // stride`` of the crop's map when its receptive field lies inside the crop, or
+        leaves it only where the crop reaches the image's own edge (where both see the same padding).
+
+        Returns:
+            ``(first, last)``: whole-map cells ``first .. last - 1`` (``first >= last`` when there are none).
+
+        Raises:
+            ValueError: ``start`` is not a multiple of the stride, or the crop is not inside the axis.
+        """
+        if start % self.stride or not 0 <= start < end <= length:
+            raise ValueError(f"crop [{start}, {end}) of an axis of {length} px must start on the stride grid "
+                             f"({self.stride} px) and lie inside it")
+        whole = self._axis_size(length, 0)
+        first = 0 if start == 0 else -((self.rf_offset - start) // self.stride)  # ceil((start - rf_offset) / s)
+        last = whole if end == length else (end - self.rf_offset - self.receptive_field) // self.stride + 1
+        return max(first, 0), min(last, whole)
+
+    def tiles(self, length: int, cells: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Split one axis into crops that together give every cell of the whole map exactly once.
+
+        Args:
+            length: the axis's length in pixels.
+            cells: how many map cells each crop should give (the last may give fewer).
+
+        Returns:
+            ``[((first, last), (start, end)), ...]``: whole-map cells ``first .. last - 1`` come from the crop
+            ``[start, end)`` of the input, whose own map holds them from index ``first - start // stride``.
+        """
+        whole = self._axis_size(length, 0)
+        plan = []
+        for first in range(0, whole, max(cells, 1)):
+            last = min(whole, first + max(cells, 1))
+            need_start, need_end = self.input_span(first, last)
+            start = max(0, need_start) // self.stride * self.stride
+            end = min(length, need_end)
+            exact = self.exact_cells(start, end, length)
+            if exact[0] > first or exact[1] < last:  # cannot happen for a consistent geometry
+                raise ConvifyError(f"the crop [{start}, {end}) does not give cells {first}..{last - 1} exactly")
+            plan.append(((first, last), (start, end)))
+        return plan
+
     # -- sizes -----------------------------------------------------------------------------------
 
     def output_size(self, height: int, width: Optional[int] = None) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
     "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
-    "MAX_GRID_PANELS",
+    "MAX_GRID_PANELS", "DEFAULT_MAX_MEMORY",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -43,3 +43,6 @@ MAX_MODULE_DEPTH = 100
 # Overlays drawn side by side in one top-k grid image: each is the size of the photo, so ``--top-k 1000``
 # must not ask for a thousand of them (the printed list and the JSON summary still take all k).
 MAX_GRID_PANELS = 16
+# Default memory budget for one forward pass's tensors (``max_memory=``, ``--max-memory``): larger images
+# are cut into exact tiles that fit it (see convify.tiling).
+DEFAULT_MAX_MEMORY = 2 * 1024 ** 3

@@ -1,0 +1,185 @@
+"""Exact tiling: maps computed crop by crop equal the whole-image pass, for every kind of geometry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import convify
+from convify import LimitError
+from convify.tiling import activation_bytes, plan_tiles, tiled_map
+
+NUM_CLASSES = 7
+
+
+class PaddingFree(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(6, 8, 3, stride=2),
+                                  nn.ReLU(), nn.Conv2d(8, 8, 3))
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).mean([2, 3]))
+
+
+class CeilPools(nn.Module):
+    """ceil_mode pools whose last window hangs past the map, a reflect pad and a padded strided conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, padding_mode="zeros")
+        self.pool2 = nn.AvgPool2d(3, 2, ceil_mode=True, padding=1)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(F.relu(self.conv1(F.pad(x, (2, 1, 2, 1), mode="reflect"))))
+        x = self.pool2(F.relu(self.conv2(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Squeeze(nn.Module):
+    """Squeeze-and-excitation: a pooled summary of the whole map multiplies back in (global context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.gate = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = x * torch.sigmoid(self.gate(x.mean([2, 3])))[:, :, None, None]
+        return self.fc(x.mean([2, 3]))
+
+
+def _torchvision(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, num_classes=NUM_CLASSES).eval()
+
+
+def _whole(fcn: convify.FullyConvNet, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return fcn(x)[0]
+
+
+@pytest.fixture(scope="module")
+def vgg16() -> convify.FullyConvNet:
+    return convify.convert(_torchvision("vgg16"), 224, check=False)
+
+
+@pytest.fixture(scope="module")
+def resnet50() -> convify.FullyConvNet:
+    return convify.convert(_torchvision("resnet50"), 224, check=False)
+
+
+@pytest.mark.parametrize("net", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("size", [(301, 263), (256, 352)])
+def test_tiled_equals_whole_on_padded_nets(request: pytest.FixtureRequest, net: str, size: tuple[int, int]) -> None:
+    fcn = request.getfixturevalue(net)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    whole = _whole(fcn, x)
+    rows, cols = fcn.output_size(*size)
+    for cells in (1, 2):  # one-cell crops: every cell of the map is a seam
+        plan = plan_tiles(fcn, *size, tile_cells=cells)
+        assert plan.count == -(-rows // cells) * -(-cols // cells) > 1
+        torch.testing.assert_close(tiled_map(fcn, x, tile_cells=cells), whole, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("model, size", [(PaddingFree(), 24), (CeilPools(), 32)], ids=["padding-free", "ceil-mode"])
+@pytest.mark.parametrize("shape", [(97, 61), (64, 131), (45, 45)])
+def test_tiled_equals_whole_on_small_nets(model: nn.Module, size: int, shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    fcn = convify.convert(model.eval(), size)
+    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(2))
+    whole = _whole(fcn, x)
+    for cells in (1, 2, 3, 5):
+        torch.testing.assert_close(tiled_map(fcn, x, tile_cells=cells), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_every_crop_matches_the_whole_map_where_geometry_says_it_is_exact() -> None:
+    """The reference is the whole-image pass itself: each crop's exact cells, shifted by start // stride."""
+    torch.manual_seed(0)
+    fcn = convify.convert(CeilPools().eval(), 32)
+    g = fcn.geometry
+    x = torch.randn(1, 3, 90, 90, generator=torch.Generator().manual_seed(3))
+    whole = _whole(fcn, x)
+    for start in range(0, 60, g.stride):
+        for end in range(start + 40, 91, 7):
+            first, last = g.exact_cells(start, end, 90)
+            if first >= last:
+                continue
+            crop = _whole(fcn, x[:, :, :, start:end])
+            shift = start // g.stride
+            torch.testing.assert_close(crop[:, :, first - shift:last - shift], whole[:, :, first:last])
+
+
+def test_a_loaded_network_tiles_the_same(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    fcn = convify.convert(CeilPools().eval(), 32)
+    loaded = convify.load(fcn.save(tmp_path / "net.fcn.pt"))
+    x = torch.randn(1, 3, 77, 101, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(tiled_map(loaded, x, tile_cells=2), _whole(fcn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_global_context_is_never_tiled_silently() -> None:
+    torch.manual_seed(0)
+    fcn = convify.convert(Squeeze().eval(), 32)
+    assert not fcn.geometry.local
+    x = torch.randn(1, 3, 96, 96)
+    with pytest.raises(LimitError, match="see the whole image.*cannot be tiled exactly"):
+        tiled_map(fcn, x, tile_cells=1)
+    # it runs whole when the whole image fits the budget
+    torch.testing.assert_close(tiled_map(fcn, x), _whole(fcn, x))
+    # and is refused with the way out when it does not
+    with pytest.raises(LimitError, match="see the whole image.*raise --max-memory"):
+        tiled_map(fcn, x, max_memory=1000)
+
+
+def test_the_budget_chooses_crops_that_fit_it(vgg16: convify.FullyConvNet) -> None:
+    budget = 300 * 2 ** 20
+    plan = plan_tiles(vgg16, 1200, 900, max_memory=budget)
+    assert not plan.whole and plan.tile_cells >= 1
+    largest = max((r[1][1] - r[1][0], c[1][1] - c[1][0]) for r in plan.rows for c in plan.cols)
+    assert activation_bytes(vgg16, *largest) <= budget
+    # a crop one cell larger would not fit: the budget is used, not wasted
+    side = vgg16.geometry.receptive_field + (plan.tile_cells + 1) * vgg16.geometry.stride
+    assert activation_bytes(vgg16, side, side) > budget * 0.8
+    assert plan_tiles(vgg16, 300, 300, max_memory=budget).whole
+    with pytest.raises(LimitError, match="does not fit even one cell's crop"):
+        plan_tiles(vgg16, 1200, 900, max_memory=50 * 2 ** 20)
+
+
+def test_heatmap_tiles_an_image_over_its_budget_and_gives_the_same_map(vgg16: convify.FullyConvNet) -> None:
+    from PIL import Image
+    import numpy as np
+
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 256, (700, 900, 3), dtype=np.uint8), "RGB")
+    whole = convify.heatmap(picture, vgg16, size=None)
+    budget = 300 * 2 ** 20
+    assert not plan_tiles(vgg16, 700, 900, max_memory=budget).whole
+    tiled = convify.heatmap(picture, vgg16, size=None, max_memory=budget)
+    torch.testing.assert_close(tiled.logits, whole.logits, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tiled.boxes, whole.boxes)
+
+
+def test_max_memory_on_the_command_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+    from convify.cli import cli
+
+    torch.manual_seed(0)
+    model = convify.convert(PaddingFree().eval(), 24).save(tmp_path / "net.fcn.pt")
+    Image.new("RGB", (120, 90), (10, 200, 30)).save(tmp_path / "a.png")
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["heatmap", str(tmp_path / "a.png"), "--model", str(model), "--size", "none",
+                             "--max-memory", "1G", "-o", str(tmp_path), "--format", "json"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(cli, ["heatmap", str(tmp_path / "a.png"), "--model", str(model), "--max-memory", "lots"])
+    assert bad.exit_code == 2 and "is not an amount of memory" in bad.output
