@@ -183,6 +183,9 @@ class _Bytes(click.ParamType):
               show_default=True, help="Most pixels the network may run on for one image.")
 @click.option("--max-memory", "max_memory", type=_Bytes(), default="2G", show_default=True,
               help="Memory budget for the network's tensors; larger images are computed in exact tiles.")
+@click.option("--pad", type=click.Choice(["reflect", "zeros", "none"]), default="reflect", show_default=True,
+              help="Pad the image so cells reach its edges (reflect, or zeros: the network's own padding "
+                   "value); none keeps every window inside the image and hatches the border no cell covers.")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Directory for the files written.")
 @click.option("--format", "formats", default="png,json", show_default=True,
@@ -191,8 +194,8 @@ class _Bytes(click.ParamType):
 @click.option("--trust-pickle", is_flag=True, help="As for convify convert.")
 @click.pass_context
 def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], weights: Optional[str],
-            queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, output: Path, formats: str,
-            force: bool, trust_pickle: bool) -> None:
+            queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, pad: str, output: Path,
+            formats: str, force: bool, trust_pickle: bool) -> None:
     """Draw class heatmaps for IMAGES with one forward pass each.
 
     Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
@@ -204,7 +207,7 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
 
         convify heatmap samples/cat_and_coffee.jpg --class espresso --class "tiger cat" -o out/
     """
-    from .engine import heatmap as run_heatmap
+    from .engine import clip_box, heatmap as run_heatmap
     from .models import network_for
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
@@ -229,13 +232,13 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
         for image in bar:
             lead = "\n" if show_bar else ""
             try:
-                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory)
+                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory, pad=pad)
                 written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force, inputs=inputs)
                 lines = [f"{printable(image)} ({result.image.width}x{result.image.height} px, map "
                          f"{result.logits.shape[1]}x{result.logits.shape[2]}):"]
                 shown = [result.prediction(q) for q in queries] or result.top(top_k)
                 for p in shown:
-                    box = ", ".join(f"{v:.0f}" for v in p.box)
+                    box = ", ".join(f"{v:.0f}" for v in clip_box(p.box, result.image.size))
                     lines.append(f"  {printable(p.name, 60):<24} {p.score:6.3f}  peak cell {p.cell}  box ({box})")
                 lines.append("  wrote " + ", ".join(printable(w) for w in written))
             except Exception as e:  # one image's failure, whatever it is, must not stop the batch

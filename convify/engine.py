@@ -291,9 +291,10 @@ class HeatmapResult:
         boxes: ``(H', W', 4)`` the window of each cell as ``(x0, y0, x1, y1)`` in original image pixels
             (a window may reach past the image's edge: the network saw padding there).
         centers: ``(H', W', 2)`` the centre ``(x, y)`` of each cell's window, in original pixels.
-        input_size: ``(width, height)`` the network ran on, after resizing.
+        input_size: ``(width, height)`` of the image after resizing (the network ran on it plus ``pad``).
         geometry: the network's :class:`~convify.geometry.Geometry` (in network-input pixels).
         arch: the model's architecture, when known.
+        pad: ``(left, top, right, bottom)`` pixels the resized image was padded by (see ``heatmap(pad=)``).
     """
 
     image: Image.Image
@@ -305,6 +306,7 @@ class HeatmapResult:
     geometry: Any
     arch: Optional[str] = None
     source: Optional[str] = None
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
     _probs: Optional[torch.Tensor] = field(default=None, repr=False)  # the float64 log-softmax, once computed
 
     @property
@@ -372,9 +374,9 @@ class HeatmapResult:
             "map_size": list(self.logits.shape[1:]),
             "geometry": {"stride": g.stride, "window": g.window, "offset": g.offset,
                          "receptive_field": g.receptive_field, "local": g.local,
-                         "scale_to_original": list(self.scale)},
-            "top": [_prediction_dict(p) for p in self.top(k)],
-            "classes": [_prediction_dict(self.prediction(q)) for q in queries],
+                         "scale_to_original": list(self.scale), "pad": list(self.pad)},
+            "top": [_prediction_dict(p, self.image.size) for p in self.top(k)],
+            "classes": [_prediction_dict(self.prediction(q), self.image.size) for q in queries],
         }
 
     def save(self, directory: Union[str, os.PathLike], *, stem: Optional[str] = None,
@@ -423,9 +425,17 @@ class HeatmapResult:
         return write_files([(path, lambda f, make=make: f.write(make())) for path, make in planned])
 
 
-def _prediction_dict(p: Prediction) -> dict[str, Any]:
+def _prediction_dict(p: Prediction, size: tuple[int, int]) -> dict[str, Any]:
     return {"index": p.index, "name": p.name, "probability": p.score, "logit": p.logit, "cell": list(p.cell),
-            "box": [round(v, 2) for v in p.box]}
+            "box": [round(v, 2) for v in p.box], "box_in_image": [round(v, 2) for v in clip_box(p.box, size)]}
+
+
+def clip_box(box: Sequence[float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` clipped to a ``(width, height)`` image, for display (a padded cell's window may
+    reach outside the image)."""
+    width, height = size
+    return (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+            min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
 
 
 def _slug(name: str) -> str:
@@ -495,7 +505,8 @@ def _as_network(model: ModelLike) -> FullyConvNet:
 
 @torch.inference_mode()
 def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto",
-            max_pixels: int = limits.MAX_PIXELS, max_memory: int = limits.DEFAULT_MAX_MEMORY) -> HeatmapResult:
+            max_pixels: int = limits.MAX_PIXELS, max_memory: int = limits.DEFAULT_MAX_MEMORY,
+            pad: Optional[str] = "reflect") -> HeatmapResult:
     """Class score maps for one image, from one forward pass (or exact tiles of one, see below).
 
     Args:
@@ -508,6 +519,10 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         max_memory: budget in bytes for the network's tensors (default 2 GB). An image whose pass would
             need more is computed in exact tiles (:mod:`convify.tiling`): the same map, in bounded memory.
             The first large image a network sees also measures its bytes per pixel (two passes, cached).
+        pad: ``"reflect"`` (default) or ``"zeros"`` pads the (resized) image so that cell centres reach its
+            edges and the map covers all of it (:meth:`Geometry.cover_padding`); ``"zeros"`` pads with the
+            network's own padding value (0 after normalisation: the mean colour). ``"none"`` (or None) keeps
+            every window inside the image, leaving a border band no cell is centred on.
 
     Returns:
         A :class:`HeatmapResult` with ``(C, H', W')`` logits and boxes in the original image's pixels.
@@ -523,6 +538,8 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         >>> [p.name for p in result.top(3)]
         ['Egyptian cat', 'tiger cat', 'tabby']
     """
+    if pad not in PAD_MODES:
+        raise ConvifyError(f"pad must be one of {', '.join(str(m) for m in PAD_MODES)}; got {pad!r}")
     fcn = _as_network(model)
     picture = load_image(image)
     meta, geometry = fcn.meta, fcn.geometry
@@ -537,12 +554,14 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     try:
         resized = picture if (width, height) == picture.size else picture.resize((width, height), Image.BICUBIC)
         x = _normalise(resized, meta.mean, meta.std)
+        pads = padding(geometry, width, height, pad)
+        x = pad_input(x, pads, pad)
         param = next(iter(fcn.parameters()), None)
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
         fcn.eval()
         logits = tiled_map(fcn, x, max_memory)
-        boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height))
+        boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height), pads[:2])
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
             raise
@@ -551,7 +570,43 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     classes = list(meta.classes) if meta.classes and len(meta.classes) == logits.shape[0] else \
         [f"class {i}" for i in range(logits.shape[0])]
     source = str(image) if isinstance(image, (str, os.PathLike)) else None
-    return HeatmapResult(picture, logits, classes, boxes, centers, (width, height), geometry, meta.arch, source)
+    return HeatmapResult(picture, logits, classes, boxes, centers, (width, height), geometry, meta.arch, source,
+                         pad=pads)
+
+
+PAD_MODES = ("reflect", "zeros", "none", None)
+
+
+def padding(geometry: Any, width: int, height: int, mode: Optional[str]) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` pixels a ``width x height`` input is padded by under ``mode``."""
+    if mode in ("none", None):
+        return (0, 0, 0, 0)
+    left, right = geometry.cover_padding(width)
+    top, bottom = geometry.cover_padding(height)
+    return (left, top, right, bottom)
+
+
+def _reflect(n: int, before: int, after: int) -> torch.Tensor:
+    """Indices into ``0 .. n - 1`` for ``-before .. n + after - 1`` reflected at the edges (no edge repeat,
+    repeatedly when the padding is wider than ``n``, as ``numpy.pad(mode="reflect")``)."""
+    index = torch.arange(-before, n + after)
+    if n == 1:
+        return torch.zeros_like(index)
+    period = 2 * (n - 1)
+    index = index.remainder(period)
+    return torch.where(index < n, index, period - index)
+
+
+def pad_input(x: torch.Tensor, pads: Sequence[int], mode: Optional[str]) -> torch.Tensor:
+    """Pad a normalised ``(N, 3, H, W)`` input by ``(left, top, right, bottom)``: reflected, or zeros."""
+    left, top, right, bottom = pads
+    if not any(pads):
+        return x
+    if mode == "zeros":
+        return torch.nn.functional.pad(x, (left, right, top, bottom))
+    rows = _reflect(x.shape[2], top, bottom)
+    cols = _reflect(x.shape[3], left, right)
+    return x[:, :, rows][:, :, :, cols]
 
 
 def _is_out_of_memory(error: RuntimeError) -> bool:
@@ -570,8 +625,11 @@ def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) 
 
 
 def _cell_boxes(geometry: Any, map_size: Sequence[int], original: tuple[int, int],
-                resized: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                resized: tuple[int, int], pad: Sequence[int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H', W', 4)`` boxes and ``(H', W', 2)`` centres in original pixels (continuous coordinates).
+
+    ``pad``: ``(left, top)`` padding added before the network ran; boxes of cells centred near an edge then
+    reach outside the image (``[-pad, ...)``), as the network saw them.
 
     A cell's x-extent depends on its column only and its y-extent on its row only, so this asks the
     geometry about one row and one column (``H' + W'`` calls, not ``H' * W'``).
@@ -580,7 +638,7 @@ def _cell_boxes(geometry: Any, map_size: Sequence[int], original: tuple[int, int
     sx, sy = original[0] / resized[0], original[1] / resized[1]
     xs = torch.tensor([geometry.cell_box(0, j)[0::2] for j in range(cols)], dtype=torch.float64).reshape(cols, 2)
     ys = torch.tensor([geometry.cell_box(i, 0)[1::2] for i in range(rows)], dtype=torch.float64).reshape(rows, 2)
-    xs, ys = xs * sx, ys * sy  # (W', 2) x0, x1 and (H', 2) y0, y1 in original pixels
+    xs, ys = (xs - pad[0]) * sx, (ys - pad[1]) * sy  # (W', 2) x0, x1 and (H', 2) y0, y1 in original pixels
     boxes = torch.stack([xs[None, :, 0].expand(rows, cols), ys[:, None, 0].expand(rows, cols),
                          xs[None, :, 1].expand(rows, cols), ys[:, None, 1].expand(rows, cols)], dim=-1)
     centers = torch.stack([(boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2], dim=-1)

@@ -111,6 +111,24 @@ class Geometry:
         last = whole if end == length else (end - self.rf_offset - self.receptive_field) // self.stride + 1
         return max(first, 0), min(last, whole)
 
+    def cover_padding(self, length: int) -> tuple[int, int]:
+        """The padding ``(before, after)`` that lets the map of an axis ``length`` px long cover all of it.
+
+        Without padding every cell's window lies inside the image, so no cell is centred within
+        ``(window - stride) / 2`` px of an edge. Padded, the first cell's centre lies at most half a stride
+        inside the start (``before = ceil(offset + (window - stride) / 2)``, at least 0) and ``after`` is the
+        least padding that puts the last centre at most half a stride inside the end: every pixel of the
+        axis is then within half a stride of a cell's centre.
+        """
+        before = max(0, math.ceil(self.offset + (self.window - self.stride) / 2))
+        after = 0
+        while True:
+            cells = self._axis_size(length + before + after, 0)
+            last = self.offset + (cells - 1) * self.stride + self.window / 2 - before
+            if cells >= 1 and last + self.stride / 2 >= length:
+                return before, after
+            after += 1
+
     def tiles(self, length: int, cells: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """Split one axis into crops that together give every cell of the whole map exactly once.
 

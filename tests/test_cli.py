@@ -172,7 +172,7 @@ def test_heatmap_with_the_default_model_prints_top_classes_and_writes_files(runn
     result = runner.invoke(cli, ["heatmap", str(SAMPLES / "coffee.jpg"), "-o", str(tmp_path), "--top-k", "2"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == f"{SAMPLES / 'coffee.jpg'} (600x400 px, map 8x15):"
+    assert lines[0] == f"{SAMPLES / 'coffee.jpg'} (600x400 px, map 14x21):"  # padded: cells reach the edges
     assert lines[1].split()[0] == "espresso"
     assert "peak cell (" in lines[1] and "box (" in lines[1]
     assert (tmp_path / "coffee.heatmap.png").is_file() and (tmp_path / "coffee.json").is_file()

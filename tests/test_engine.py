@@ -5,6 +5,7 @@ names, saving, and logits/probabilities checked against the network run by hand.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +42,11 @@ STORE_FOR_ORIENTATION = {
 GREY = (128, 128, 128)  # redness 128 - 64 - 64 = 0
 SCENE_SIZE = (203, 151)  # (W, H): odd on purpose, and not a multiple of the stride
 SQUARE_AT = (77, 45)  # the red square's top-left corner in upright pixels: not on the 4 px cell lattice
+
+
+def unpadded(*args, **kwargs):
+    """heatmap without padding: every window inside the image (the geometry these tests check)."""
+    return convify.heatmap(*args, pad="none", **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def test_red_square_is_found_where_it_is_in_original_upright_pixels(red_net, tmp
     path = save_with_orientation(upright, tmp_path / f"scene{suffix}", orientation, **options)
     assert Image.open(path).size == SCENE_SIZE[::-1]  # stored sideways
 
-    result = convify.heatmap(path, model=red_net, size=size)
+    result = unpadded(path, model=red_net, size=size)
 
     assert result.image.size == SCENE_SIZE
     width, height = result.input_size
@@ -239,7 +245,7 @@ def test_a_pil_image_with_exif_orientation_gives_the_same_result_as_its_file(red
 
 def test_red_score_is_the_mean_redness_of_the_cell_window(red_net):
     """At size=None each cell's logit is exactly 2 x (red fraction of its window); check a few by hand."""
-    result = convify.heatmap(scene(32, x=80, y=44), model=red_net, size=None)  # on the 4 px lattice
+    result = unpadded(scene(32, x=80, y=44), model=red_net, size=None)  # on the 4 px lattice
     red = result.logits[0]
     assert result.prediction("red").cell == (11, 20)
     assert result.prediction("red").box == (80.0, 44.0, 112.0, 76.0)
@@ -252,7 +258,7 @@ def test_red_score_is_the_mean_redness_of_the_cell_window(red_net):
 
 def test_prediction_picks_the_best_cell_when_probabilities_round_to_one():
     fcn = red_network(gain=10.0)  # logits +-10 x redness: 1 - p is ~1e-8, below float32's resolution at 1
-    result = convify.heatmap(scene(32, x=79, y=44), model=fcn, size=None)
+    result = unpadded(scene(32, x=79, y=44), model=fcn, size=None)
     exact = torch.softmax(result.logits.double(), dim=0)[0]
     best = divmod(int(torch.argmax(exact)), exact.shape[1])
     # window [80, 112) holds 31 red columns, window [76, 108) only 29: cell (11, 20) is the peak
@@ -405,7 +411,7 @@ def test_size_auto_makes_the_shorter_side_two_windows(red_net):
 
 @pytest.mark.parametrize("size", [32, 100, 151, 457])
 def test_size_int_sets_the_shorter_side(red_net, size):
-    result = convify.heatmap(scene(16), model=red_net, size=size)
+    result = unpadded(scene(16), model=red_net, size=size)
     assert result.input_size == (round(203 * size / 151), size)
     assert result.image.size == SCENE_SIZE
     torch.testing.assert_close(result.boxes, expected_boxes(red_net.geometry, result.logits.shape[1:],
@@ -414,7 +420,7 @@ def test_size_int_sets_the_shorter_side(red_net, size):
 
 
 def test_size_none_keeps_the_pixels(red_net):
-    result = convify.heatmap(scene(16), model=red_net, size=None)
+    result = unpadded(scene(16), model=red_net, size=None)
     assert result.input_size == SCENE_SIZE
     assert result.scale == (1.0, 1.0)
     assert result.logits.shape == (2, *red_net.geometry.output_size(151, 203)) == (2, 30, 43)
@@ -424,12 +430,12 @@ def test_size_none_keeps_the_pixels(red_net):
 def test_an_image_too_small_for_the_network_names_the_minimum(red_net):
     assert red_net.geometry.min_input_size() == 32
     with pytest.raises(ConvifyError, match=r"at least 32 px a side") as error:
-        convify.heatmap(scene(4, x=0, y=0, size=(40, 20)), model=red_net, size=None)
+        unpadded(scene(4, x=0, y=0, size=(40, 20)), model=red_net, size=None)
     assert "40x20" in str(error.value)
     with pytest.raises(ConvifyError, match=r"at least 32 px a side"):
-        convify.heatmap(scene(16), model=red_net, size=16)
+        unpadded(scene(16), model=red_net, size=16)
     # exactly the minimum gives a single cell
-    assert convify.heatmap(scene(4, x=0, y=0, size=(32, 32)), model=red_net, size=None).logits.shape == (2, 1, 1)
+    assert unpadded(scene(4, x=0, y=0, size=(32, 32)), model=red_net, size=None).logits.shape == (2, 1, 1)
 
 
 @pytest.mark.parametrize("size", [0, -5, 1.5, "big", True])
@@ -446,7 +452,7 @@ def test_one_forward_pass_per_image_and_none_after(red_net, tmp_path):
     calls = []
     handle = red_net.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
     try:
-        result = convify.heatmap(scene(16), model=red_net, size=302)
+        result = unpadded(scene(16), model=red_net, size=302)
         assert calls == [(1, 3, 302, 406)]
         for query in ("red", "not red", 0, 1, "RED", "not"):
             result.prediction(query)
@@ -606,7 +612,7 @@ def test_logits_are_the_raw_network_output_and_probs_their_softmax():
     mean, std = (0.25, 0.5, 0.75), (0.5, 0.25, 0.125)
     fcn = red_network(gain=3.0, mean=mean, std=std)
     levels = torch.randint(0, 256, (3, 45, 61)) / 255  # on the 8-bit grid, so load_image loses nothing
-    result = convify.heatmap(levels, model=fcn, size=None)
+    result = unpadded(levels, model=fcn, size=None)
     assert result.input_size == (61, 45)
     with torch.no_grad():
         normalised = (levels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
@@ -620,7 +626,9 @@ def test_logits_are_the_raw_network_output_and_probs_their_softmax():
 
 def test_probs_sum_to_one_per_cell_on_the_real_model(chelsea, lite0):
     assert chelsea.input_size == (round(451 * 448 / 300), 448)  # "auto": twice the 224 px window
-    assert chelsea.logits.shape == (1000, *lite0.geometry.output_size(448, 673))
+    left, top, right, bottom = chelsea.pad  # reflect padding by default: cells reach the image's edges
+    assert (left, top) == (96, 96) and (right, bottom) == lite0.geometry.cover_padding(673)[1:] + lite0.geometry.cover_padding(448)[1:]
+    assert chelsea.logits.shape == (1000, *lite0.geometry.output_size(448 + top + bottom, 673 + left + right))
     torch.testing.assert_close(chelsea.probs.sum(dim=0), torch.ones(chelsea.logits.shape[1:]))
     torch.testing.assert_close(chelsea.probs, torch.softmax(chelsea.logits, dim=0))
     best = chelsea.prediction(ESPRESSO)
@@ -863,3 +871,64 @@ def test_save_on_a_full_disk_writes_nothing(red_result, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"^cannot write .*: no space left on the device$"):
         red_result.save(tmp_path / "out")
     assert os.listdir(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding: full coverage
+
+
+@pytest.mark.parametrize("length", [32, 33, 57, 100, 131])
+def test_padding_lets_cell_squares_cover_every_pixel(red_net, length):
+    """Independent of the formula: the squares of side stride around the cell centres cover [0, length)."""
+    g = red_net.geometry
+    before, after = g.cover_padding(length)
+    cells = g.output_size(length + before + after)[0]
+    centres = [(g.cell_box(0, j)[0] + g.cell_box(0, j)[2]) / 2 - before for j in range(cells)]
+    covered = np.zeros(length, bool)
+    for c in centres:
+        covered[max(0, math.floor(c - g.stride / 2)):max(0, math.ceil(c + g.stride / 2))] = True
+    assert covered.all()
+    assert centres[0] <= g.stride / 2 and centres[-1] >= length - g.stride / 2
+    # and no less padding after does it
+    if after:
+        shorter = g.output_size(length + before + after - 1)[0]
+        assert (g.cell_box(0, shorter - 1)[0] + g.cell_box(0, shorter - 1)[2]) / 2 - before + g.stride / 2 < length
+
+
+@pytest.mark.parametrize("mode, numpy_mode", [("reflect", "reflect"), ("zeros", "constant")])
+def test_padded_maps_equal_the_network_on_an_independently_padded_image(red_net, mode, numpy_mode):
+    picture = scene(10, x=3, y=40, size=(70, 45))
+    result = convify.heatmap(picture, model=red_net, size=None, pad=mode)
+    left, top, right, bottom = result.pad
+    assert (left, top) == red_net.geometry.cover_padding(70)[:1] + red_net.geometry.cover_padding(45)[:1]
+    array = np.asarray(picture, dtype=np.float32) / 255  # red_net: mean 0, std 1
+    padded = np.pad(array, ((top, bottom), (left, right), (0, 0)), mode=numpy_mode)
+    with torch.inference_mode():
+        expected = red_net(torch.from_numpy(padded).permute(2, 0, 1)[None].contiguous())[0]
+    torch.testing.assert_close(result.logits, expected)
+    assert tuple(result.boxes[0, 0].tolist()) == (-left, -top, 32 - left, 32 - top)
+
+
+def test_an_object_at_the_corner_is_found_there_only_when_padded(red_net):
+    picture = scene(12, x=0, y=0, size=(96, 80))
+    padded = convify.heatmap(picture, model=red_net, size=None).prediction("red")
+    cx, cy = (padded.box[0] + padded.box[2]) / 2, (padded.box[1] + padded.box[3]) / 2
+    assert cx < 12 and cy < 12  # the peak cell is centred on the red square
+    plain = unpadded(picture, model=red_net, size=None).prediction("red")
+    assert (plain.box[0] + plain.box[2]) / 2 >= 16  # without padding no cell is centred nearer the corner
+
+
+def test_padding_leaves_nothing_hatched(red_net):
+    result = convify.heatmap(scene(12), model=red_net, size=None)
+    from convify.render import place_map
+
+    _, inside = place_map(result.probs[0], result.centers, result._region_step(), result.image.size)
+    assert bool(inside.all())
+    _, inside = place_map(*(lambda r: (r.probs[0], r.centers, r._region_step(), r.image.size))(
+        unpadded(scene(12), model=red_net, size=None)))
+    assert not bool(inside.all())
+
+
+def test_a_bad_pad_mode_is_refused(red_net):
+    with pytest.raises(ConvifyError, match="pad must be one of"):
+        convify.heatmap(scene(12), model=red_net, pad="mirror")
