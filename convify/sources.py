@@ -51,6 +51,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and Bi
 # Source pixels one block of :func:`thumbnail` reads at a time (4 MP: 12 MB of RGB, 100 MB of sums).
 _THUMB_BLOCK = 2048
 _SLIDES_HINT = "pip install convify[slides]"
+_TIFF_HINT = "pip install convify[tiff] (or convify[slides])"
 
 
 @runtime_checkable
@@ -231,8 +232,12 @@ class TiffSource:
             raise
 
     def _open(self, level: Optional[int], scale: Optional[float]) -> None:
-        import tifffile
-
+        try:
+            import tifffile
+            import zarr  # noqa: F401 - tifffile.aszarr needs it
+        except ImportError as e:
+            raise ImageError(f"{self._name} is a TIFF; reading it region by region needs tifffile and zarr "
+                             f"({_one_line(e)}): {_TIFF_HINT}") from None
         tiff = self._tiff = tifffile.TiffFile(self._handle, name=Path(self._name).name)
         if not tiff.series:
             raise ImageError(f"{self._name} holds no image")
