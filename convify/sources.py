@@ -48,7 +48,7 @@ __all__ = ["RegionSource", "ArraySource", "TiffSource", "SlideSource", "open_sou
 # Files OpenSlide reads and tifffile does not read as one image (MIRAX and VMS are several files).
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
-# Source pixels one block of :func:`thumbnail` reads at a time (4 MP: 12 MB of RGB, 100 MB of sums).
+# Source pixels along each side of one block :func:`thumbnail` reads at a time (4 MP: 12 MB of RGB).
 _THUMB_BLOCK = 2048
 _SLIDES_HINT = "pip install convify[slides]"
 _TIFF_HINT = "pip install convify[tiff] (or convify[slides])"
@@ -710,10 +710,12 @@ def _box_average(source: RegionSource, out_w: int, out_h: int) -> np.ndarray:
             row_starts = np.flatnonzero(np.r_[True, band_rows[1:] != band_rows[:-1]])
             for x0 in range(0, W, _THUMB_BLOCK):
                 x1 = min(W, x0 + _THUMB_BLOCK)
-                block = source.read(x0, y0, x1, y1).astype(np.float64)  # (y1 - y0, x1 - x0, 3)
+                block = source.read(x0, y0, x1, y1)  # (y1 - y0, x1 - x0, 3) uint8
                 cols = np.searchsorted(col_edges, np.arange(x0, x1), side="right") - 1
                 col_starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-                part = np.add.reduceat(np.add.reduceat(block, row_starts, axis=0), col_starts, axis=1)
+                # uint32 sums: a block holds at most 2048 * 2048 * 255 < 2 ** 32 per channel
+                part = np.add.reduceat(np.add.reduceat(block, row_starts, axis=0, dtype=np.uint32),
+                                       col_starts, axis=1, dtype=np.uint32)
                 sums[np.ix_(band_rows[row_starts], cols[col_starts])] += part
         counts = np.diff(row_edges[r: r_end + 1])[:, None] * np.diff(col_edges)[None, :]  # (rows, out_w)
         out[r:r_end] = np.clip(sums / counts[:, :, None] + 0.5, 0, 255).astype(np.uint8)
