@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
     "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
-    "MAX_GRID_PANELS", "DEFAULT_MAX_MEMORY",
+    "MAX_GRID_PANELS", "DEFAULT_MAX_MEMORY", "MAX_REGION_SOURCE_PIXELS", "MAX_TIFF_CHUNK_PIXELS",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -46,3 +46,11 @@ MAX_GRID_PANELS = 16
 # Default memory budget for one forward pass's tensors (``max_memory=``, ``--max-memory``): larger images
 # are cut into exact tiles that fit it (see convify.tiling).
 DEFAULT_MAX_MEMORY = 2 * 1024 ** 3
+# Pixels at full resolution of an image read region by region (a TIFF or a whole-slide image, see
+# convify.sources): nothing is decoded whole, but the tiler's plans and maps grow with it. The largest slides
+# scanned today are about 200,000 x 100,000 px (2e10); a 300k x 300k one is 9e10.
+MAX_REGION_SOURCE_PIXELS = 100_000_000_000
+# Pixels in one tile or strip of a TIFF read region by region: one read decodes whole tiles, so a crafted
+# 100,000 x 100,000 tile would make a 1-pixel read decode 30 GB. 8192 x 8192 (64 MP, 256 MB as 16-bit RGBA);
+# real tiles are 256-1024 px square, strips a few rows of the width.
+MAX_TIFF_CHUNK_PIXELS = 8192 * 8192
