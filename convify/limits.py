@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
     "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
-    "MAX_GRID_PANELS",
+    "MAX_GRID_PANELS", "MAX_STORE_BYTES",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -43,3 +43,8 @@ MAX_MODULE_DEPTH = 100
 # Overlays drawn side by side in one top-k grid image: each is the size of the photo, so ``--top-k 1000``
 # must not ask for a thousand of them (the printed list and the JSON summary still take all k).
 MAX_GRID_PANELS = 16
+# A score-map store (convify.mapstore), counted before compression: what it would take on disk at worst and
+# what reading one of its arrays whole may allocate. The default arrays cost ~50 bytes per cell (top-5 classes,
+# two kept classes), so this holds maps of 300 million cells (17,000 x 17,000); all classes of a 1000-class
+# network at 3000 x 3000 cells are 36 GB and need a deliberate ``max_bytes=``.
+MAX_STORE_BYTES = 16 * 1024**3
