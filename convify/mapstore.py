@@ -217,6 +217,7 @@ class MapWriter:
         self._pending: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
         self._filled: dict[tuple[int, int], int] = {}
         self._written = 0
+        self._work = torch.empty(0, dtype=torch.float64)
 
     # -- context manager ------------------------------------------------------------------------
 
@@ -265,8 +266,9 @@ class MapWriter:
             logits: ``(C, h, w)`` raw scores (any float dtype, any device; kept as float32).
 
         Raises:
-            MapStoreError: the writer is closed, the block has the wrong shape, leaves the map, overlaps a block
-                already written, or holds NaN or infinite scores.
+            MapStoreError: the writer is closed, the block has the wrong shape, leaves the map or overlaps a block
+                already written (the writer stays usable); or the block holds NaN or +infinite scores (the
+                temporary store is removed: the map can never be complete).
             OutputError: the store cannot be written (full disk, ...); the temporary store is removed.
         """
         if self._temp is None:
@@ -278,18 +280,21 @@ class MapWriter:
         col0 = _check_int("col0", col0, 0, cols - 1)
         if row0 + h > rows or col0 + w > cols:
             raise MapStoreError(f"block of {h}x{w} cells at ({row0}, {col0}) leaves the {rows}x{cols} map")
-        if not bool(torch.isfinite(block).all()):
-            raise MapStoreError(f"block at ({row0}, {col0}) holds NaN or infinite scores; not storing them")
         self._claim(row0, col0, row0 + h, col0 + w)
         top_idx = np.empty((h, w, self.k), dtype=np.int32)
         top_prob = np.empty((h, w, self.k), dtype=np.float32)
         lse = np.empty((h, w), dtype=np.float64)
         strip = max(1, _STRIP_ELEMENTS // (self.num_classes * w))
+        work = self._work_space(self.num_classes * min(strip, h) * w)
         for s0 in range(0, h, strip):
             part = block[:, s0:s0 + strip]  # (C, s, w)
             s = part.shape[1]
-            log_probs = part.double()  # (C, s, w)
+            log_probs = work[: part.numel()].view(part.shape).copy_(part)  # (C, s, w) float64, no new pages
             part_lse = torch.logsumexp(log_probs, dim=0)  # (s, w)
+            if not bool(torch.isfinite(part_lse).all()):  # a NaN or +inf score, or every class at -inf
+                self.abort()  # the map can never be complete now
+                raise MapStoreError(f"block at ({row0}, {col0}) holds NaN or infinite scores; the network's "
+                                    f"output is broken, not keeping {self.path}")
             log_probs -= part_lse
             values, indices = torch.topk(part, self.k, dim=0)  # (k, s, w), on the logits: no rounding ties
             top_idx[s0:s0 + s] = indices.permute(1, 2, 0).numpy()
@@ -312,6 +317,13 @@ class MapWriter:
             if isinstance(e, OSError):
                 raise WriteError(f"cannot write {self.path}: {_reason(e)}") from None
             raise
+
+    def _work_space(self, elements: int) -> torch.Tensor:
+        """A float64 buffer of at least ``elements``, kept between blocks: fresh pages for every strip cost
+        more than the softmax itself."""
+        if self._work.numel() < elements:
+            self._work = torch.empty(elements, dtype=torch.float64)
+        return self._work
 
     def _claim(self, r0: int, c0: int, r1: int, c1: int) -> None:
         """Record the block in every chunk it touches; refuse one that overlaps a block already written."""
