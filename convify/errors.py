@@ -27,3 +27,7 @@ class OutputError(ConvifyError):
 
 class OutputExistsError(OutputError):
     """An output file exists and overwriting was not asked for (use force=True / --force)."""
+
+
+class MapStoreError(ConvifyError):
+    """A score-map store cannot be written as asked, or a store on disk is not a valid convify map."""

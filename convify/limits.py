@@ -11,6 +11,7 @@ __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
     "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
     "MAX_GRID_PANELS", "DEFAULT_MAX_MEMORY", "MAX_REGION_SOURCE_PIXELS", "MAX_TIFF_CHUNK_PIXELS",
+    "MAX_STORE_BYTES",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -54,3 +55,8 @@ MAX_REGION_SOURCE_PIXELS = 100_000_000_000
 # 100,000 x 100,000 tile would make a 1-pixel read decode 30 GB. 8192 x 8192 (64 MP, 256 MB as 16-bit RGBA);
 # real tiles are 256-1024 px square, strips a few rows of the width.
 MAX_TIFF_CHUNK_PIXELS = 8192 * 8192
+# A score-map store (convify.mapstore), counted before compression: what it would take on disk at worst and
+# what reading one of its arrays whole may allocate. The default arrays cost ~50 bytes per cell (top-5 classes,
+# two kept classes), so this holds maps of 300 million cells (17,000 x 17,000); all classes of a 1000-class
+# network at 3000 x 3000 cells are 36 GB and need a deliberate ``max_bytes=``.
+MAX_STORE_BYTES = 16 * 1024**3

@@ -253,3 +253,98 @@ def test_grid_with_fewer_images_than_columns_and_no_images():
     assert grid(images * 3, columns=2, gap=0).size == (20, 36)
     with pytest.raises(ValueError):
         grid([])
+
+
+# --------------------------------------------------------------------------------------------------
+# overlay_large: huge images drawn on a thumbnail
+
+from convify.render import DEFAULT_MAX_SIDE, overlay_large  # noqa: E402
+
+# A 6000 x 4000 photo under a 224 px window at stride 32: cell (0, 0) centred at (112, 112), 181 x 119 cells.
+BIG, FIRST, STEP = (6000, 4000), (112.0, 112.0), (32.0, 32.0)
+BIG_MAP = ((BIG[1] - 224) // 32 + 1, (BIG[0] - 224) // 32 + 1)
+
+
+def hottest(image: Image.Image, cold: Image.Image) -> tuple[int, int]:
+    """``(x, y)`` of the pixel that changed most from the drawing of an all-zero map."""
+    change = np.abs(np.asarray(image).astype(float) - np.asarray(cold).astype(float)).sum(axis=2)
+    y, x = np.unravel_index(np.argmax(change), change.shape)
+    return int(x), int(y)
+
+
+@pytest.mark.parametrize("thumb", [(1500, 1000), (1000, 667), (600, 400), (301, 217), (150, 100)])
+@pytest.mark.parametrize("cell", [(50, 120), (3, 170), (117, 1)])  # not on the edge: an edge cell owns a plateau
+def test_large_overlay_puts_the_peak_at_the_cell_centre_scaled_to_the_thumbnail(thumb, cell):
+    values = torch.zeros(BIG_MAP)
+    values[cell] = 1.0
+    photo = Image.new("RGB", thumb, (90, 90, 90))
+    options = dict(image_size=BIG, geometry_center0=FIRST, step=STEP, legend=False, box=(0, 0, 0, 0), vmax=1.0,
+                   reduce="max")
+    out = overlay_large(photo, values, **options)
+    assert out.size == thumb
+    tx, ty = thumb[0] / BIG[0], thumb[1] / BIG[1]
+    want = ((FIRST[0] + cell[1] * STEP[0]) * tx, (FIRST[1] + cell[0] * STEP[1]) * ty)  # continuous coordinates
+    x, y = hottest(out, overlay_large(photo, torch.zeros(BIG_MAP), **options))
+    assert abs(x + 0.5 - want[0]) <= 1.5 and abs(y + 0.5 - want[1]) <= 1.5, ((x, y), want)
+
+
+def test_large_overlay_is_the_full_overlay_shrunk():
+    # A photo small enough to draw both ways: the thumbnail's overlay against the full one shrunk to its size.
+    width, height, first, step = 1200, 800, (112.0, 112.0), (32.0, 32.0)
+    rows, cols = (height - 224) // 32 + 1, (width - 224) // 32 + 1
+    yy, xx = np.mgrid[0:height, 0:width]
+    photo = Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8))
+    i, j = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    values = torch.sigmoid(torch.sin(i / 3.0) + torch.cos(j / 4.0))  # smooth, so resampling barely matters
+    full = overlay(photo, values, lattice(rows, cols, first, step), step, legend=False, box=(0, 0, 0, 0))
+    for scale in (2, 3, 4):
+        size = (width // scale, height // scale)
+        small = overlay_large(photo.resize(size, Image.Resampling.BOX), values, image_size=(width, height),
+                              geometry_center0=first, step=step, legend=False, box=(0, 0, 0, 0))
+        shrunk = full.resize(size, Image.Resampling.BOX)
+        a, b = np.asarray(small).astype(float), np.asarray(shrunk).astype(float)
+        # inside the cells' squares, away from the no-data band (hatching is drawn at each image's own scale)
+        margin = 128 // scale
+        diff = np.abs(a - b)[margin:-margin, margin:-margin]
+        assert diff.mean() < 1.5 and np.percentile(diff, 99) < 12, (scale, diff.mean())
+        # the no-data band is grey in both
+        band_a, band_b = a[: 80 // scale, : 80 // scale], b[: 80 // scale, : 80 // scale]
+        assert abs(band_a.mean() - band_b.mean()) < 12
+
+
+def test_large_overlay_output_is_bounded_by_max_side():
+    values = torch.rand(BIG_MAP)
+    photo = Image.new("RGB", (3000, 2000), (40, 80, 120))  # a too large "thumbnail"
+    out = overlay_large(photo, values, image_size=BIG, geometry_center0=FIRST, step=STEP, max_side=1024,
+                        label="cat")
+    assert out.width == 1024 and 683 <= out.height <= 683 + 100  # the legend strip below
+    assert max(overlay_large(Image.new("RGB", (5000, 100)), torch.rand(2, 150), image_size=(50000, 1000),
+                             geometry_center0=(112, 112), step=(320, 320), legend=False).size) == DEFAULT_MAX_SIDE
+
+
+def test_large_overlay_pools_cells_closer_than_a_pixel():
+    # 4000 x 4000 cells on a 500 px thumbnail: 8 cells a pixel. One hot cell: "max" keeps it at full strength,
+    # "mean" shows what shrinking the full overlay would (1/64 of it).
+    values = torch.zeros(4000, 4000)
+    values[2000, 1000] = 1.0
+    photo = Image.new("RGB", (500, 500), (90, 90, 90))
+    options = dict(image_size=(128_000, 128_000), geometry_center0=(16.0, 16.0), step=(32.0, 32.0), legend=False,
+                   box=(0, 0, 0, 0), vmax=1.0)
+    hot = overlay_large(photo, values, reduce="max", **options)
+    x, y = hottest(hot, overlay_large(photo, torch.zeros(4000, 4000), reduce="max", **options))
+    assert abs(x + 0.5 - 1000 * 32 / 256) <= 1.5 and abs(y + 0.5 - 2000 * 32 / 256) <= 1.5
+    mean = np.asarray(overlay_large(photo, values, reduce="mean", **options)).astype(float)
+    assert np.abs(mean - np.asarray(hot).astype(float)).max() > 50  # diluted
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(image_size=(0, 10)), "positive"),
+    (dict(step=(0, 32)), "positive"),
+    (dict(reduce="median"), "reduce must be"),
+    (dict(values=np.zeros(5)), r"values must be \(H', W'\)"),
+])
+def test_large_overlay_bad_arguments(options, message):
+    arguments = dict(values=np.zeros((3, 3)), image_size=(100, 100), geometry_center0=(16, 16), step=(32, 32))
+    arguments.update(options)
+    with pytest.raises(ValueError, match=message):
+        overlay_large(Image.new("RGB", (50, 50)), **arguments)
