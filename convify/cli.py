@@ -183,6 +183,14 @@ class _Bytes(click.ParamType):
               show_default=True, help="Most pixels the network may run on for one image.")
 @click.option("--max-memory", "max_memory", type=_Bytes(), default="2G", show_default=True,
               help="Memory budget for the network's tensors; larger images are computed in exact tiles.")
+@click.option("--level", type=click.IntRange(min=0), help="Pyramid level of a TIFF or slide to read (0: full "
+              "resolution); the image is then streamed (see below).")
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), help="A downsample factor instead of "
+              "--level: the closest pyramid level (no resampling).")
+@click.option("--overlay-size", "overlay_side", type=click.IntRange(min=64, max=limits.MAX_SIDE), default=4096,
+              show_default=True, help="Long side of the overlays drawn for streamed images.")
+@click.option("--all-classes", is_flag=True, help="Streamed images: store every class's scores, not just "
+              "--class ones and each cell's top-k.")
 @click.option("--pad", type=click.Choice(["reflect", "zeros", "none"]), default="reflect", show_default=True,
               help="Pad the image so cells reach its edges (reflect, or zeros: the network's own padding "
                    "value); none keeps every window inside the image and hatches the border no cell covers.")
@@ -194,8 +202,9 @@ class _Bytes(click.ParamType):
 @click.option("--trust-pickle", is_flag=True, help="As for convify convert.")
 @click.pass_context
 def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], weights: Optional[str],
-            queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, pad: str, output: Path,
-            formats: str, force: bool, trust_pickle: bool) -> None:
+            queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, level: Optional[int],
+            scale: Optional[float], overlay_side: int, all_classes: bool, pad: str, output: Path, formats: str,
+            force: bool, trust_pickle: bool) -> None:
     """Draw class heatmaps for IMAGES with one forward pass each.
 
     Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
@@ -203,11 +212,17 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
     IMAGE.json. An image that fails (unreadable, too large, out of memory, output not writable) is reported
     on one line and skipped; the others are still done, and the exit code is then 1.
 
+    Images too large for memory (a TIFF or whole-slide image with --size none and more than --max-pixels,
+    or any image with --level/--scale) are streamed: read region by region, computed in exact tiles within
+    --max-memory, the map written to IMAGE.zarr as it comes (the --class classes' scores, each cell's top-k,
+    each class's best cell), overlays drawn at --overlay-size.
+
     Example:
 
         convify heatmap samples/cat_and_coffee.jpg --class espresso --class "tiger cat" -o out/
     """
     from .engine import clip_box, heatmap as run_heatmap
+    from .large import is_large, large_heatmap
     from .models import network_for
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
@@ -232,6 +247,21 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
         for image in bar:
             lead = "\n" if show_bar else ""
             try:
+                if is_large(image, size, max_pixels, level, scale):
+                    if "npy" in wanted:
+                        raise ConvifyError("npy is not written for a streamed image: its map is in IMAGE.zarr")
+                    big = large_heatmap(image, output, fcn, level=level, scale=scale, pad=pad, queries=queries,
+                                        top_k=top_k, all_classes=all_classes, max_memory=max_memory,
+                                        overlay_side=overlay_side, formats=wanted, force=force)
+                    lines = [f"{printable(image)} ({big.image_size[0]}x{big.image_size[1]} px, map "
+                             f"{big.map_size[0]}x{big.map_size[1]}, {big.crops} crops):"]
+                    for p in big.top[:top_k]:
+                        box = ", ".join(f"{v:.0f}" for v in p["box_in_image"])
+                        lines.append(f"  {printable(p['name'], 60):<24} {p['probability']:6.3f}  peak cell "
+                                     f"{tuple(p['cell'])}  box ({box})")
+                    lines.append("  wrote " + ", ".join(printable(w) for w in big.files))
+                    click.echo(lead + "\n".join(lines))
+                    continue
                 result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory, pad=pad)
                 written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force, inputs=inputs)
                 lines = [f"{printable(image)} ({result.image.width}x{result.image.height} px, map "

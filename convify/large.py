@@ -27,7 +27,7 @@ from .errors import ConvifyError, OutputExistsError
 from .fcn import FullyConvNet
 from .outputs import write_files
 
-__all__ = ["LargeResult", "large_heatmap", "DEFAULT_OVERLAY_SIDE"]
+__all__ = ["LargeResult", "large_heatmap", "is_large", "DEFAULT_OVERLAY_SIDE"]
 
 # The long side of the overlays of a large image, in pixels (``overlay_side=``, ``--overlay-size``).
 DEFAULT_OVERLAY_SIDE = 4096
@@ -201,6 +201,27 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
     finally:
         source.close()
     return LargeResult(store_path, [store_path, *written], (width, height), plan.map_size, top_classes, plan.count)
+
+
+def is_large(image: Any, size: Union[int, str, None], max_pixels: int = limits.MAX_PIXELS,
+             level: Optional[int] = None, scale: Optional[float] = None) -> bool:
+    """Whether ``convify heatmap`` takes the streamed path for ``image``: a pyramid level or scale was asked
+    for, or the image is read by region (TIFF, slide) and, at its own pixels (``size`` None), has more
+    than ``max_pixels``. Photos Pillow decodes whole take the ordinary path."""
+    if level is not None or scale is not None:
+        return True
+    if size is not None or not isinstance(image, (str, os.PathLike)):
+        return False
+    from .sources import SLIDE_EXTENSIONS, _is_tiff, open_source
+
+    path = Path(image)
+    if not path.is_file() or not (path.suffix.lower() in SLIDE_EXTENSIONS or _is_tiff(path)):
+        return False
+    source = open_source(path)
+    try:
+        return source.width * source.height > max_pixels
+    finally:
+        source.close()
 
 
 def _num_classes(fcn: FullyConvNet) -> int:
