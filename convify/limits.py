@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
     "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
-    "MAX_GRID_PANELS",
+    "MAX_GRID_PANELS", "MAX_ACTIVATION_RATIO", "MIN_ACTIVATION_BYTES", "MAX_PIECES",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -43,3 +43,13 @@ MAX_MODULE_DEPTH = 100
 # Overlays drawn side by side in one top-k grid image: each is the size of the photo, so ``--top-k 1000``
 # must not ask for a thousand of them (the printed list and the JSON summary still take all k).
 MAX_GRID_PANELS = 16
+# What a converted file's graph may hold at once while it runs, as a multiple of the input's bytes: the
+# tensors alive at any step (each storage once), and each tensor's own size (views included, so an
+# expanded view cannot make a later step loop over 10**12 elements). Checked on the ``meta`` device before
+# the real run. torchvision's CNNs peak under 50x (VGG16's first block: 43x; ResNet-50 11x); a graph from a
+# stranger's file asking for more (``x.expand(40000, ...).contiguous()``, a pad of 20,000 px) is refused.
+MAX_ACTIVATION_RATIO = 400
+# ...but never less than this many bytes, so small inputs are not held to a tiny absolute bound.
+MIN_ACTIVATION_BYTES = 256 * 1024 * 1024
+# Tensors one operation of a converted file's graph may return (``x.split(1)`` on a 10**7-long view).
+MAX_PIECES = 10_000
