@@ -11,7 +11,7 @@ __all__ = [
     "MAX_PARAMETERS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "MAX_SIDE",
     "MAX_HEADER_BYTES", "MAX_GRAPH_NODES", "MAX_TENSORS", "MAX_PICKLE_BYTES", "MAX_MODULE_DEPTH",
     "MAX_GRID_PANELS", "DEFAULT_MAX_MEMORY", "MAX_REGION_SOURCE_PIXELS", "MAX_TIFF_CHUNK_PIXELS",
-    "MAX_STORE_BYTES",
+    "MAX_STORE_BYTES", "MAX_ACTIVATION_RATIO", "MIN_ACTIVATION_BYTES", "MAX_PIECES",
 ]
 
 # Weights in one model, counted as elements. The largest CNNs in torchvision and timm have under 10**9
@@ -60,3 +60,13 @@ MAX_TIFF_CHUNK_PIXELS = 8192 * 8192
 # two kept classes), so this holds maps of 300 million cells (17,000 x 17,000); all classes of a 1000-class
 # network at 3000 x 3000 cells are 36 GB and need a deliberate ``max_bytes=``.
 MAX_STORE_BYTES = 16 * 1024**3
+# What a converted file's graph may hold at once while it runs, as a multiple of the input's bytes: the
+# tensors alive at any step (each storage once), and each tensor's own size (views included, so an
+# expanded view cannot make a later step loop over 10**12 elements). Checked on the ``meta`` device before
+# the real run. torchvision's CNNs peak under 50x (VGG16's first block: 43x; ResNet-50 11x); a graph from a
+# stranger's file asking for more (``x.expand(40000, ...).contiguous()``, a pad of 20,000 px) is refused.
+MAX_ACTIVATION_RATIO = 400
+# ...but never less than this many bytes, so small inputs are not held to a tiny absolute bound.
+MIN_ACTIVATION_BYTES = 256 * 1024 * 1024
+# Tensors one operation of a converted file's graph may return (``x.split(1)`` on a 10**7-long view).
+MAX_PIECES = 10_000

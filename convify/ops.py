@@ -36,7 +36,7 @@ from torch import nn
 from .layers import PointwiseConv2d
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
-           "resolve_method", "module_class", "module_classes", "TENSOR_ATTRIBUTES"]
+           "function_op", "resolve_method", "module_class", "module_classes", "TENSOR_ATTRIBUTES"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Op:
         dim: for ``head="dim"``: the position of the ``dim`` argument and its default.
         pool: ``"avg"`` or ``"max"`` when, at the end of the body, it is a global pool.
         shape_query: it reads a shape (``x.size()``), not values.
+        pieces: for operations that return several tensors, how many, from the call's arguments
+            ``(tensor, *args)`` and keywords, before it runs (so a file cannot ask for 10**7 views).
     """
 
     name: str
@@ -69,6 +71,7 @@ class Op:
     dim: Optional[tuple[int, Optional[int]]] = None
     pool: Optional[str] = None
     shape_query: bool = False
+    pieces: Optional[Callable[[tuple, dict], int]] = None
 
 
 # Tensor attributes a graph may read with getattr (fx records ``x.shape`` that way).
@@ -100,18 +103,53 @@ def _is_operand(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, numbers.Number)) and not isinstance(value, complex)
 
 
+# Python integers a graph may compute: a shape is an int64 in torch, and squaring a number 40 times
+# (``s * s``, node after node) must not build a many-GB integer.
+_INT_RANGE = 1 << 63
+
+
 def _numeric(op: Callable) -> Callable:
-    """An operator limited to tensors and real numbers (no strings or lists: ``"a" * 10**12``)."""
+    """An operator limited to tensors and real numbers (no strings or lists: ``"a" * 10**12``), whose
+    integer results stay within int64."""
 
     def call(*args: Any) -> Any:
         if not all(_is_operand(a) for a in args):
             raise TypeError(f"{op.__name__} of {', '.join(type(a).__name__ for a in args)} is not allowed in a "
                             "converted network")
-        return op(*args)
+        result = op(*args)
+        if isinstance(result, int) and not -_INT_RANGE <= result < _INT_RANGE:
+            raise OverflowError(f"{op.__name__} gives an integer beyond int64 in a converted network")
+        return result
 
     call.__name__ = call.__qualname__ = op.__name__
     call.__module__ = "convify.ops"
     return call
+
+
+def _argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return args[position] if len(args) > position else default
+
+
+def _dim_size(args: tuple, kwargs: dict, position: int) -> int:
+    tensor, dim = args[0] if args else kwargs.get("input"), _argument(args, kwargs, position, ("dim",), 0)
+    if not isinstance(tensor, torch.Tensor) or not isinstance(dim, int) or not -tensor.ndim <= dim < max(1, tensor.ndim):
+        return 1  # the call itself will refuse it
+    return tensor.shape[dim] if tensor.ndim else 1
+
+
+def _chunk_pieces(args: tuple, kwargs: dict) -> int:
+    chunks = _argument(args, kwargs, 1, ("chunks",), 1)
+    return min(chunks, _dim_size(args, kwargs, 2)) if isinstance(chunks, int) else 1
+
+
+def _split_pieces(args: tuple, kwargs: dict) -> int:
+    size = _argument(args, kwargs, 1, ("split_size", "split_size_or_sections"), 1)
+    if isinstance(size, (list, tuple)):
+        return len(size)
+    return -(-_dim_size(args, kwargs, 2) // size) if isinstance(size, int) and size > 0 else 1
 
 
 def _elementwise(name: str, *, modules: tuple = (), functions: tuple = (), methods: tuple = ()) -> Op:
@@ -180,8 +218,8 @@ _TABLE: tuple[Op, ...] = (
        head="dim", dim=(1, None)),
     Op("normalize", (), (F.normalize,), local=True, head="dim", dim=(2, 1)),
     Op("cat", (), (torch.cat,), local=True, head="dim", dim=(1, 0)),
-    Op("chunk", (), (torch.chunk,), ("chunk",), local=True, head="dim", dim=(2, 0)),
-    Op("split", (), (torch.split,), ("split",), local=True, head="dim", dim=(2, 0)),
+    Op("chunk", (), (torch.chunk,), ("chunk",), local=True, head="dim", dim=(2, 0), pieces=_chunk_pieces),
+    Op("split", (), (torch.split,), ("split",), local=True, head="dim", dim=(2, 0), pieces=_split_pieces),
     Op("stack", (), (torch.stack,), local=True),
     # -- moving dimensions around ------------------------------------------------------------------
     Op("flatten", (nn.Flatten,), (torch.flatten,), ("flatten",), local=True, head="to_vector"),
@@ -241,6 +279,12 @@ def resolve_function(key: str) -> Optional[Callable]:
     """The callable a saved graph may call under ``key`` (see :func:`function_key`); None if not allowed."""
     found = _BY_FUNCTION.get(key)
     return found[1] if found else None
+
+
+def function_op(key: str) -> Optional[Op]:
+    """The operation a saved graph's function ``key`` computes; None if not allowed."""
+    found = _BY_FUNCTION.get(key)
+    return found[0] if found else None
 
 
 def resolve_method(name: str) -> Optional[Op]:

@@ -14,18 +14,19 @@ name, tensor methods on tensors).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from . import limits, ops
-from .errors import ConvifyError, ModelLoadError
+from .errors import ConvifyError, LimitError, ModelLoadError
 from .tracing import fetch_attr
 
 __all__ = ["graph_to_data", "graph_from_data", "StoredGraph"]
@@ -148,6 +149,7 @@ class _Step:
     args: tuple
     kwargs: dict
     frees: tuple[int, ...] = ()  # values no later step reads: dropped after this one
+    op: Optional[ops.Op] = None  # the table entry of a function or method
 
 
 def _substitute(value: Any, env: list) -> Any:
@@ -175,34 +177,168 @@ class StoredGraph(nn.Module):
         description: the graph as the file describes it (saved again unchanged by :func:`graph_to_data`).
     """
 
-    def __init__(self, description: dict[str, Any], steps: list[_Step], output: Any) -> None:
+    def __init__(self, description: dict[str, Any], steps: list[_Step], output: Any,
+                 meta_layers: Optional[dict[str, nn.Module]] = None) -> None:
         super().__init__()
         self.description = description
         self._steps = steps
         self._output = output
+        # The layers again, on the meta device (no weights): the dry run before a real one calls them.
+        self._meta_layers = dict(meta_layers or {})
+        self._checked: set[tuple] = set()  # input shapes and dtypes whose dry run passed
 
     def forward(self, x: torch.Tensor) -> Any:
-        """Run the graph on ``x``, ``(N, 3, H, W)``."""
+        """Run the graph on ``x``, ``(N, 3, H, W)``.
+
+        The first run at each input shape is preceded by a dry run on the ``meta`` device, which allocates
+        nothing and refuses a graph that would hold more than :data:`convify.limits.MAX_ACTIVATION_RATIO`
+        times the input's bytes, return over :data:`convify.limits.MAX_PIECES` tensors from one step, or
+        write into its input or its weights.
+
+        Raises:
+            LimitError: the graph would need more memory than the limits allow at this input size.
+            ModelLoadError: the graph writes into its input or weights, or fails at this input size.
+        """
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._checked:
+            self._dry_run(x)
+            if len(self._checked) > 256:
+                self._checked.clear()
+            self._checked.add(key)
+        return self._run(x, self._call)
+
+    def _call(self, step: _Step, args: tuple, kwargs: dict) -> Any:
+        if step.kind == "call_module":
+            return self.get_submodule(step.call)(*args, **kwargs)
+        return fetch_attr(self, step.call)  # get_attr
+
+    def _run(self, x: torch.Tensor, call: Any, dry: Optional["_DryRun"] = None) -> Any:
+        """Walk the steps; ``call`` runs layers and reads tensors; ``dry`` checks each step of a dry run."""
         env: list[Any] = [None] * len(self._steps)
         for index, step in enumerate(self._steps):
             if step.kind == "placeholder":
-                env[index] = x
-                continue
-            args, kwargs = _substitute(step.args, env), _substitute(step.kwargs, env)
-            if step.kind == "call_function":
-                env[index] = step.call(*args, **kwargs)
-            elif step.kind == "call_method":
-                if not args or not isinstance(args[0], torch.Tensor):
-                    raise TypeError(f"step '{step.name}' calls .{step.call}() on a "
-                                    f"{type(args[0]).__name__ if args else 'nothing'}, not a tensor")
-                env[index] = getattr(args[0], step.call)(*args[1:], **kwargs)
-            elif step.kind == "call_module":
-                env[index] = self.get_submodule(step.call)(*args, **kwargs)
-            else:  # get_attr
-                env[index] = fetch_attr(self, step.call)
+                value = x
+            else:
+                args, kwargs = _substitute(step.args, env), _substitute(step.kwargs, env)
+                versions = dry.check_call(step, args, kwargs) if dry is not None else ()
+                if step.kind == "call_function":
+                    value = step.call(*args, **kwargs)
+                elif step.kind == "call_method":
+                    if not args or not isinstance(args[0], torch.Tensor):
+                        raise TypeError(f"step '{step.name}' calls .{step.call}() on a "
+                                        f"{type(args[0]).__name__ if args else 'nothing'}, not a tensor")
+                    value = getattr(args[0], step.call)(*args[1:], **kwargs)
+                else:
+                    value = call(step, args, kwargs)
+                if any(t._version != v for t, v in versions):
+                    raise ModelLoadError(f"node '{step.name}' of the converted network writes into its input or "
+                                         "its weights; the file is crafted or damaged")
+            env[index] = value
+            if dry is not None:
+                dry.after(index, step, value)
             for freed in step.frees:
                 env[freed] = None
         return _substitute(self._output, env)
+
+    def _dry_run(self, x: torch.Tensor) -> None:
+        """Run the graph on a ``meta`` copy of ``x``: shapes and sizes without data (see :meth:`forward`)."""
+        check = _DryRun(x, self._steps)
+
+        def call(step: _Step, args: tuple, kwargs: dict) -> Any:
+            if step.kind == "call_module":
+                return self._meta_layers[step.call](*args, **kwargs)
+            found = fetch_attr(self, step.call)  # get_attr: the file's tensor, as an empty meta tensor
+            return check.protect(torch.empty_strided(found.shape, found.stride(), dtype=found.dtype, device="meta"))
+
+        with torch.inference_mode(False), torch.no_grad():  # version counters: in-place writes are seen
+            try:
+                meta = check.protect(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
+                self._run(meta, call, check)
+            except ConvifyError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever the step raised, it is the file's fault
+                raise ModelLoadError(f"the converted network fails at node '{check.at}' on a "
+                                     f"{'x'.join(map(str, x.shape))} input: {_first_line(e)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _tensors(value: Any, depth: int = 0) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and depth < _MAX_DEPTH + 2:
+        return [t for v in value for t in _tensors(v, depth + 1)]
+    if isinstance(value, dict) and depth < _MAX_DEPTH + 2:
+        return [t for v in value.values() for t in _tensors(v, depth + 1)]
+    return []
+
+
+class _DryRun:
+    """Bookkeeping of a dry run: the bytes alive (each storage once), the input and weights (which no step
+    may write into), and the step running (for messages)."""
+
+    def __init__(self, x: torch.Tensor, steps: list[_Step]) -> None:
+        self.shape = "x".join(map(str, x.shape))
+        self.limit = max(limits.MAX_ACTIVATION_RATIO * x.numel() * x.element_size(), limits.MIN_ACTIVATION_BYTES)
+        self.steps = steps
+        self.at = steps[0].name if steps else ""
+        self.protected: set[int] = set()  # storages of the input and the file's tensors
+        self.storages: dict[int, list[int]] = {}  # storage -> [bytes, values holding it]
+        self.held: dict[int, list[int]] = {}  # step index -> storages its value holds
+        self.alive = 0
+
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage()._cdata
+
+    def protect(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.protected.add(self._key(tensor))
+        return tensor
+
+    def _too_much(self, what: str, size: int) -> LimitError:
+        return LimitError(f"the converted network would hold {what} of {size / 2 ** 30:.1f} GiB at node '{self.at}' "
+                          f"on a {self.shape} input, over {limits.MAX_ACTIVATION_RATIO}x the input's bytes "
+                          "(convify.limits.MAX_ACTIVATION_RATIO); the file is crafted or damaged")
+
+    def check_call(self, step: _Step, args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, int]]:
+        """Before a step: bound the tensors it returns; note the versions of the protected tensors it gets."""
+        self.at = step.name
+        if step.op is not None and step.op.pieces is not None:
+            pieces = step.op.pieces(args, kwargs)
+            if pieces > limits.MAX_PIECES:
+                raise LimitError(f"node '{step.name}' of the converted network would return {pieces} tensors; "
+                                 f"convify allows {limits.MAX_PIECES} (convify.limits.MAX_PIECES); the file is "
+                                 "crafted or damaged")
+        return [(t, t._version) for t in _tensors((args, kwargs)) if self._key(t) in self.protected]
+
+    def after(self, index: int, step: _Step, value: Any) -> None:
+        """After a step: count what its value holds, release what the step frees."""
+        keys = []
+        for tensor in _tensors(value):
+            size = tensor.numel() * tensor.element_size()
+            if size > self.limit:
+                raise self._too_much("a tensor", size)
+            key = self._key(tensor)
+            if key in self.protected:
+                continue
+            entry = self.storages.setdefault(key, [tensor.untyped_storage().nbytes(), 0])
+            if entry[1] == 0:
+                self.alive += entry[0]
+            entry[1] += 1
+            keys.append(key)
+        if self.alive > self.limit:
+            raise self._too_much("results", self.alive)
+        self.held[index] = keys
+        for freed in step.frees:
+            for key in self.held.pop(freed, ()):
+                entry = self.storages[key]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self.alive -= entry[0]
+                    del self.storages[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,8 +410,12 @@ class _Decoder:
         raise _corrupt(f"{self.where} has an unknown argument kind {ascii(kind)[:40]}")
 
 
-def _build_module(target: str, spec: Any, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Build one layer on the meta device, check its weights against the file's, then load them."""
+def _build_module(target: str, spec: Any, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+    """Build one layer on the meta device, check its weights against the file's, then load them.
+
+    Returns:
+        The layer, and a copy of it left on the meta device (for :class:`StoredGraph`'s dry runs).
+    """
     if not isinstance(spec, dict) or not isinstance(spec.get("kwargs", {}), dict):
         raise _corrupt(f"layer '{target}' is not described by a class and arguments")
     cls = ops.module_class(spec.get("class")) if isinstance(spec.get("class"), str) else None
@@ -302,8 +442,9 @@ def _build_module(target: str, spec: Any, tensors: dict[str, torch.Tensor]) -> n
         if tuple(own[key].shape) != tuple(value.shape):
             raise _corrupt(f"layer '{target}' ({cls.__name__}) declares '{key}' of shape {tuple(value.shape)}, "
                            f"but the file holds {tuple(own[key].shape)}")
+    twin = copy.deepcopy(module).eval()
     module.load_state_dict({k: own[k] for k in expected}, strict=True, assign=True)
-    return module.eval()
+    return module.eval(), twin
 
 
 def _attach(root: nn.Module, path: str, value: Union[nn.Module, torch.Tensor]) -> None:
@@ -343,9 +484,11 @@ def graph_from_data(description: Any, tensors: dict[str, torch.Tensor]) -> Store
     for name in tensors:
         _check_name(name, _PATH, "tensor")
     root = nn.Module()
+    meta_layers: dict[str, nn.Module] = {}
     try:
         for target, spec in module_specs.items():
-            _attach(root, _check_name(target, _PATH, "layer"), _build_module(target, spec, tensors))
+            module, meta_layers[target] = _build_module(_check_name(target, _PATH, "layer"), spec, tensors)
+            _attach(root, target, module)
     except (KeyError, AttributeError, TypeError) as e:  # a path that clashes with another or with nn.Module's own
         raise _corrupt(f"layer paths clash ({str(e)[:80]})") from None
     names: dict[str, int] = {}
@@ -402,16 +545,18 @@ def graph_from_data(description: Any, tensors: dict[str, torch.Tensor]) -> Store
                     raise _corrupt(f"tensor path '{target}' clashes ({str(e)[:80]})") from None
                 used.add(target)
             call = target
-        _check_operands(name, op, call, tuple(args))
+        _check_operands(name, op, call, tuple(args), kwargs)
         names[name] = len(steps)
-        steps.append(_Step(name, op, call, tuple(args), kwargs))
+        table_op = ops.function_op(target) if op == "call_function" else \
+            ops.resolve_method(target) if op == "call_method" else None
+        steps.append(_Step(name, op, call, tuple(args), kwargs, op=table_op))
     if output is None or not steps or steps[0].kind != "placeholder":
         raise _corrupt("the graph has no input or no output")
     unused = sorted(set(tensors) - used)
     if unused:
         raise _corrupt(f"tensor '{unused[0]}' belongs to no layer of the graph")
     _plan_frees(steps, output)
-    net = StoredGraph(description, steps, output)
+    net = StoredGraph(description, steps, output, meta_layers)
     for name, child in root.named_children():
         net.add_module(name, child)
     for name, buffer in root.named_buffers(recurse=False):
@@ -419,12 +564,18 @@ def graph_from_data(description: Any, tensors: dict[str, torch.Tensor]) -> Store
     return net.eval()
 
 
-def _check_operands(name: str, op: str, call: Any, args: tuple) -> None:
+def _check_operands(name: str, op: str, call: Any, args: tuple, kwargs: dict) -> None:
     """What the table guards at run time, checked at load where the file states it literally.
 
     A method is called on a node's value, never on a constant from the file; ``getattr`` names a tensor
-    attribute from :data:`convify.ops.TENSOR_ATTRIBUTES`; indexing applies to a node's value.
+    attribute from :data:`convify.ops.TENSOR_ATTRIBUTES`; indexing applies to a node's value; batch_norm
+    runs in eval mode (in training mode it would rewrite its running statistics at every run, which the
+    dry run on the meta device does not see).
     """
+    if call is ops.resolve_function("torch.nn.functional.batch_norm") \
+            and kwargs.get("training", args[5] if len(args) > 5 else False) is not False:
+        raise ModelLoadError(f"converted file runs batch_norm in training mode at node '{name}', which changes "
+                             "its weights at every run; convify does not allow it")
     if op == "call_method" or call in (ops.resolve_function("_operator.getitem"),
                                        ops.resolve_function("builtins.getattr")):
         if not args or not isinstance(args[0], _Ref):

@@ -60,6 +60,7 @@ class _ConcreteTracer(fx.Tracer):
             if node is target:
                 break
         graph.output(env[target])
+        _check_graph_names(graph)
         self._evaluating = True
         try:
             with torch.no_grad():
@@ -125,11 +126,35 @@ def check_names(model: nn.Module) -> None:
                                "Python name as torch.nn makes them; convify refuses it (a crafted file?)")
 
     for owner, module in model.named_modules():
+        # fx also names a tensor kept as a plain attribute by its key in the layer's __dict__
+        attributes = [k for k, v in vars(module).items() if isinstance(v, torch.Tensor)]
         for kind, table in (("layer", module._modules), ("parameter", module._parameters),
-                            ("buffer", module._buffers)):
+                            ("buffer", module._buffers), ("tensor attribute", attributes)):
             for name in table:
                 if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name) or keyword.iskeyword(name):
                     raise bad(kind, owner, name)
+
+
+def _check_graph_names(graph: fx.Graph) -> None:
+    """Refuse a traced graph holding a name that fx's code generation would paste unescaped.
+
+    :func:`check_names` covers where names come from in a model; this covers what reaches the source
+    whatever its origin: attribute and layer paths, method names and keyword names.
+
+    Raises:
+        ConversionError: naming the first offending name (escaped).
+    """
+    for node in graph.nodes:
+        names: list[Any] = list(node.kwargs)
+        if node.op in ("get_attr", "call_module"):
+            names += node.target.split(".") if isinstance(node.target, str) else [node.target]
+        elif node.op == "call_method":
+            names.append(node.target)
+        for name in names:
+            if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name) or keyword.iskeyword(name):
+                raise ConversionError(f"the traced model uses the name {ascii(str(name))[:80]} (node '{node.name}'), "
+                                      "which is not a plain Python name as torch.nn makes them; convify refuses "
+                                      "it (a crafted file?)")
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -157,6 +182,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             f"cannot trace {type(model).__name__} with torch.fx ({msg}); see the README's \"Limits\" for "
             "models whose forward torch.fx cannot follow"
         ) from None
+    _check_graph_names(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     _remove_eval_noops(gm)
     return gm

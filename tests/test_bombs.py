@@ -34,9 +34,28 @@ def _declaring_wide_conv(saved: Path, out: Path) -> Path:
     return out
 
 
+def _graph_bomb(saved: Path, out: Path, nodes: list[list]) -> Path:
+    """A converted file that runs ``nodes`` ([name, op, target, *args], ``x`` the input) before its own."""
+    payload = torch.load(saved, weights_only=True)
+    header = json.loads(payload["convify"])
+    graph = header["graph"]["nodes"]
+    extra = [{"name": n[0], "op": n[1], "target": n[2], "args": {"tuple": list(n[3:])}, "kwargs": {"dict": []}}
+             for n in nodes]
+    header["graph"]["nodes"] = graph[:1] + extra + graph[1:]
+    payload["convify"] = json.dumps(header).replace('{"node": "x"}', json.dumps({"node": graph[0]["name"]}))
+    torch.save(payload, out)
+    return out
+
+
 def test_image_file_and_option_bombs_fail_cleanly_under_a_memory_limit(tmp_path: Path) -> None:
     model = _tiny_converted(tmp_path / "tiny.fcn.pt")
     wide = _declaring_wide_conv(model, tmp_path / "wide.fcn.pt")
+    x = {"node": "x"}
+    # small integers asking for GBs at run time: 40,000 copies of the input made real, a 20,000 px pad
+    copies = _graph_bomb(model, tmp_path / "copies.fcn.pt", [["e", "call_method", "expand", x, 40000, -1, -1, -1],
+                                                              ["c", "call_method", "contiguous", {"node": "e"}]])
+    padded = _graph_bomb(model, tmp_path / "padded.fcn.pt",
+                         [["p", "call_function", "torch.nn.functional.pad", x, [0, 20000, 0, 20000]]])
     (tmp_path / "bomb.png").write_bytes(png_declaring(40000, 40000))   # 1.6 GP declared in ~100 bytes
     Image.new("RGB", (40000, 4)).save(tmp_path / "strip.png")           # a 560-byte strip: 9 GB when resized
     Image.new("RGB", (64, 48)).save(tmp_path / "ok.png")
@@ -44,6 +63,8 @@ def test_image_file_and_option_bombs_fail_cleanly_under_a_memory_limit(tmp_path:
     runs = [
         ["info", str(wide)],
         ["heatmap", str(tmp_path / "ok.png"), "--model", str(wide), "-o", out],
+        ["heatmap", str(tmp_path / "ok.png"), "--model", str(copies), "-o", out],
+        ["heatmap", str(tmp_path / "ok.png"), "--model", str(padded), "-o", out],
         ["heatmap", str(tmp_path / "bomb.png"), "--model", str(model), "-o", out],
         ["heatmap", str(tmp_path / "strip.png"), "--model", str(model), "-o", out],
         ["heatmap", str(tmp_path / "strip.png"), "--model", str(model), "--size", "none", "-o", out],

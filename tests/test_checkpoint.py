@@ -24,6 +24,7 @@ import torchvision
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 
 from convify import checkpoint, limits
 from convify.checkpoint import read_checkpoint
@@ -271,6 +272,15 @@ def _injected_model(kind: str, marker: Path) -> nn.Module:
     elif kind == "parameter":
         conv = model[0]
         conv._parameters = OrderedDict((name if k == "bias" else k, v) for k, v in conv._parameters.items())
+    elif kind == "tensor-attribute":  # fx names a tensor kept in a layer's __dict__ by its key there
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), LayerNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(4, 2))
+        norm = model[1]
+        weight = norm._parameters.pop("weight").detach()
+        # the same tensor under two keys (a pickle's memo does that): forward reads the first, fx names
+        # it by the second (split at dots, so the code has none); a condition runs before anything fails
+        norm.__dict__["weight"] = weight
+        norm.__dict__[f'x") if getattr(__import__("os"), "system")("touch {marker}") + 1 else getattr(self, "'] = weight
     else:  # buffer
         model[0].register_buffer("scale", torch.ones(1))
         buffers = model[0]._buffers
@@ -278,7 +288,7 @@ def _injected_model(kind: str, marker: Path) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["layer", "layer-resnet18", "parameter", "buffer"])
+@pytest.mark.parametrize("kind", ["layer", "layer-resnet18", "parameter", "buffer", "tensor-attribute"])
 def test_code_in_layer_names_never_runs(tmp_path: Path, image: Path, kind: str) -> None:
     marker = tmp_path / "MARKER"
     path = tmp_path / "names.pt"

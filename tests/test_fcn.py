@@ -18,10 +18,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
+from click.testing import CliRunner
+from PIL import Image
 from torch import nn
 
 import convify
-from convify import ConvifyError, ModelLoadError, OutputExistsError
+from convify import ConvifyError, LimitError, ModelLoadError, OutputExistsError
+from convify.cli import cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -414,17 +417,18 @@ def test_layer_names_torch_makes_load_back_and_run_equal(tmp_path: Path) -> None
     torch.testing.assert_close(_run(loaded, x[..., :32, :32])[..., 0, 0], expected)
 
 
-def _graph_file(saved: Path, out: Path, nodes: list[dict], modules: Any = None) -> Path:
-    """A file whose graph is ``x`` then ``nodes``, returning the last of them."""
+def _graph_file(saved: Path, out: Path, nodes: list[dict], modules: Any = None, output: Any = None,
+                tensors: Any = None) -> Path:
+    """A file whose graph is ``x`` then ``nodes``, returning ``output`` (else the last of them)."""
     def edit(header: dict) -> None:
         first = _first(header, "placeholder")
-        last = nodes[-1]["name"]
+        last = output if output is not None else {"node": nodes[-1]["name"]}
         header["graph"]["nodes"] = [first, *nodes, {"name": "output", "op": "output", "target": "output",
-                                                    "args": {"tuple": [{"node": last}]}, "kwargs": {}}]
+                                                    "args": {"tuple": [last]}, "kwargs": {"dict": []}}]
         header["graph"]["modules"] = modules or {}
 
     payload = torch.load(saved, weights_only=True)
-    payload["tensors"] = {}
+    payload["tensors"] = tensors or {}
     torch.save(payload, out)
     return _edit_header(out, edit, out)
 
@@ -473,7 +477,7 @@ def test_operators_take_tensors_and_numbers_only(tmp_path: Path, saved: Path, no
         net = convify.load(path)
     except ModelLoadError:
         return
-    with pytest.raises(TypeError, match="not allowed in a converted network"):
+    with pytest.raises(ModelLoadError, match="not allowed in a converted network"):  # found by the dry run
         _run(net, _image(32, 32))
 
 
@@ -532,6 +536,101 @@ def test_argument_integers_are_bounded(tmp_path: Path, saved: Path) -> None:
     nodes = [_call("a", "call_function", "torch.nn.functional.pad", _X, {"tuple": [10 ** 9, 0, 0, 0]})]
     with pytest.raises(ModelLoadError, match="integer argument 1000000000"):
         convify.load(_graph_file(saved, tmp_path / "pad.convify", nodes))
+
+
+def _ref(name: str) -> dict:
+    return {"node": name}
+
+
+def _pads_kept_alive(count: int) -> list[dict]:
+    """``count`` pads of ~100 MB each (each within the bound), a 1-pixel view of each kept to the end."""
+    nodes = []
+    for i in range(count):
+        nodes += [_call(f"p{i}", "call_function", "torch.nn.functional.pad", _X, [0, 2000, 0, 2000]),
+                  _call(f"v{i}", "call_function", "_operator.getitem", _ref(f"p{i}"),
+                        {"tuple": [{"ellipsis": True}, {"slice": [0, 1, None]}]})]
+    return nodes
+
+
+_SQUARES = [_call("s0", "call_method", "size", _X, 2)] + [
+    _call(f"s{i + 1}", "call_function", "_operator.mul", _ref(f"s{i}"), _ref(f"s{i}")) for i in range(40)]
+
+
+@pytest.mark.parametrize("nodes, modules, output, error", [
+    # 40,000 copies of the input as a view (0 bytes), then made real: 3.9 GB from a 24 KB input
+    ([_call("u", "call_method", "unsqueeze", _X, 0), _call("e", "call_method", "expand", _ref("u"), 40000, -1, -1, -1, -1),
+      _call("c", "call_method", "contiguous", _ref("e"))], None, None, "MAX_ACTIVATION_RATIO"),
+    ([_call("p", "call_function", "torch.nn.functional.pad", _X, [0, 20000, 0, 8000])], None, None,
+     "MAX_ACTIVATION_RATIO"),
+    ([_call("p", "call_module", "pad", _X)], {"pad": {"class": "ZeroPad2d", "kwargs": {"padding": 20000}}}, None,
+     "MAX_ACTIVATION_RATIO"),
+    ([_call("a", "call_function", "torch.cat", [_X] * 5000),
+      _call("b", "call_function", "torch.cat", [_ref("a")] * 5000)], None, None, "MAX_ACTIVATION_RATIO"),
+    # each pad is freed, but a view of it keeps its storage: counted by storage, not by view
+    (_pads_kept_alive(5), None, {"tuple": [_ref(f"v{i}") for i in range(5)]}, "MAX_ACTIVATION_RATIO"),
+    # one element viewed 2**24 times, split into 2**24 tensors (Python objects: ~8 GB)
+    ([_call("r", "call_method", "reshape", _X, -1),
+      _call("o", "call_function", "_operator.getitem", _ref("r"), {"slice": [0, 1, None]}),
+      _call("e", "call_method", "expand", _ref("o"), 1 << 24), _call("s", "call_method", "split", _ref("e"), 1)],
+     None, None, "MAX_PIECES"),
+    # 32 squared 40 times: a 2**45-bit integer
+    (_SQUARES, None, None, "beyond int64"),
+], ids=["expand-contiguous", "pad", "pad-layer", "cat-of-cats", "views-keep-storage", "split", "int-squares"])
+def test_a_graph_cannot_allocate_without_a_bound(tmp_path: Path, saved: Path, nodes: list[dict], modules: Any,
+                                                 output: Any, error: str) -> None:
+    """Small integers in a graph asking for GBs are refused by a dry run on the meta device, before the
+    real run allocates anything (test_bombs.py runs these under a memory cap)."""
+    net = convify.load(_graph_file(saved, tmp_path / "bomb.convify", nodes, modules, output))
+    with pytest.raises((LimitError, ModelLoadError), match=error):
+        _run(net, _image(32, 32))
+
+
+_WEIGHT = torch.tensor([-1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("nodes, modules", [
+    ([_call("a", "call_method", "mul_", _X, 0.0)], None),                                    # the caller's input
+    ([_call("v", "call_method", "view", _X, -1), _call("a", "call_method", "relu_", _ref("v"))], None),  # via a view
+    ([_call("c", "call_method", "contiguous", _X), _call("a", "call_function", "_operator.iadd", _ref("c"), 1.0)],
+     None),
+    ([_call("w", "get_attr", "w"), _call("a", "call_method", "mul_", _ref("w"), 2.0)], None),  # weights drift
+    ([_call("w", "get_attr", "w"), _call("a", "call_module", "act", _ref("w"))],
+     {"act": {"class": "ReLU", "kwargs": {"inplace": True}}}),
+    ([_call("w", "get_attr", "w"), _call("a", "call_function", "torch.nn.functional.relu", _ref("w"), inplace=True)],
+     None),
+    ([_call("w", "get_attr", "w"), _call("a", "call_function", "torch.add", _ref("w"), 1.0, out=_ref("w"))], None),
+    ([_call("w", "get_attr", "w"),   # updates its running statistics at every run
+      _call("a", "call_function", "torch.nn.functional.batch_norm", _X, _ref("w"), _ref("w"), training=True)], None),
+], ids=["mul_-input", "relu_-view", "iadd", "mul_-weight", "inplace-layer", "inplace-function", "out", "bn-training"])
+def test_a_graph_cannot_write_into_its_input_or_weights(tmp_path: Path, saved: Path, nodes: list[dict],
+                                                        modules: Any) -> None:
+    reads_w = any(n["op"] == "get_attr" for n in nodes)
+    path = _graph_file(saved, tmp_path / "writes.convify", nodes, modules, tensors={"w": _WEIGHT.clone()} if reads_w
+                       else None)
+    x = _image(32, 32)
+    before = x.clone()
+    try:
+        net = convify.load(path)
+    except ModelLoadError as e:
+        assert "in training mode" in str(e)
+        return
+    for _ in range(2):
+        with pytest.raises(ModelLoadError, match="writes into its input or its weights"):
+            _run(net, x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    if reads_w:
+        torch.testing.assert_close(net.net.w, _WEIGHT, rtol=0, atol=0)
+
+
+def test_a_graph_that_fails_at_run_time_is_one_clear_error(tmp_path: Path, saved: Path) -> None:
+    """Not ``unexpected RuntimeError``: the file's graph is at fault, and the message says where."""
+    path = _graph_file(saved, tmp_path / "fails.convify", [_call("a", "call_method", "view", _X, 7, 7)])
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 40)).save(image)
+    result = CliRunner().invoke(cli, ["heatmap", str(image), "--model", str(path), "-o", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "the converted network fails at node 'a' on a 1x3x64x64 input: shape '[7, 7]' is invalid" in result.output
+    assert "unexpected" not in result.output and "Traceback" not in result.output
 
 
 # --------------------------------------------------------------------------------------------------
