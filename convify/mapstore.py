@@ -285,7 +285,7 @@ class MapWriter:
         top_prob = np.empty((h, w, self.k), dtype=np.float32)
         lse = np.empty((h, w), dtype=np.float64)
         strip = max(1, _STRIP_ELEMENTS // (self.num_classes * w))
-        work = self._work_space(self.num_classes * min(strip, h) * w)
+        work = self._work_space(self.num_classes * min(strip, h) * w, w)
         for s0 in range(0, h, strip):
             part = block[:, s0:s0 + strip]  # (C, s, w)
             s = part.shape[1]
@@ -300,8 +300,7 @@ class MapWriter:
             top_idx[s0:s0 + s] = indices.permute(1, 2, 0).numpy()
             top_prob[s0:s0 + s] = (values.double() - part_lse).exp().float().permute(1, 2, 0).numpy()
             lse[s0:s0 + s] = part_lse.numpy()
-            self._update_best(log_probs.reshape(self.num_classes, -1), part.reshape(self.num_classes, -1),
-                              row0 + s0, col0, w)
+            self._update_best(log_probs.reshape(self.num_classes, -1), part, row0 + s0, col0, w)
             del log_probs, part_lse, values, indices
         region = (slice(row0, row0 + h), slice(col0, col0 + w))
         try:
@@ -318,11 +317,14 @@ class MapWriter:
                 raise WriteError(f"cannot write {self.path}: {_reason(e)}") from None
             raise
 
-    def _work_space(self, elements: int) -> torch.Tensor:
+    def _work_space(self, elements: int, width: int) -> torch.Tensor:
         """A float64 buffer of at least ``elements``, kept between blocks: fresh pages for every strip cost
-        more than the softmax itself."""
+        more than the softmax itself. Sized for any strip up to the budget at once (narrower edge blocks take
+        taller strips), so it is allocated once."""
         if self._work.numel() < elements:
-            self._work = torch.empty(elements, dtype=torch.float64)
+            rows, cols = self.map_size
+            size = min(max(_STRIP_ELEMENTS, self.num_classes * width), self.num_classes * rows * cols)
+            self._work = torch.empty(max(size, elements), dtype=torch.float64)
         return self._work
 
     def _claim(self, r0: int, c0: int, r1: int, c1: int) -> None:
@@ -352,14 +354,14 @@ class MapWriter:
 
     def _update_best(self, log_probs: torch.Tensor, logits: torch.Tensor, row0: int, col0: int, w: int) -> None:
         """Merge a strip's per-class best into the running ones. ``log_probs`` ``(C, s*w)`` float64,
-        ``logits`` ``(C, s*w)``; the strip's first cell is ``(row0, col0)`` and it is ``w`` cells wide."""
+        ``logits`` ``(C, s, w)``; the strip's first cell is ``(row0, col0)`` and it is ``w`` cells wide."""
         best, arg = log_probs.max(dim=1)  # (C,)
         r, c = arg // w + row0, arg % w + col0
         cell = r * self.map_size[1] + c
         better = (best > self._best_log_prob) | ((best == self._best_log_prob) & (cell < self._best_cell))
         self._best_log_prob = torch.where(better, best, self._best_log_prob)
         self._best_cell = torch.where(better, cell, self._best_cell)
-        self._best_logit = torch.maximum(self._best_logit, logits.amax(dim=1).float())
+        self._best_logit = torch.maximum(self._best_logit, logits.amax(dim=(1, 2)))
 
     # -- finishing ------------------------------------------------------------------------------
 
@@ -454,7 +456,8 @@ def _check_attrs(attrs: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _check_block(logits: Union[torch.Tensor, np.ndarray], num_classes: int) -> torch.Tensor:
-    """``(C, h, w)`` scores as a contiguous float32 CPU tensor."""
+    """``(C, h, w)`` scores as a float32 CPU tensor (not copied if they are one: a slice of a bigger tensor is
+    fine, every step below reads strided)."""
     if isinstance(logits, np.ndarray):
         logits = torch.from_numpy(logits)
     if not isinstance(logits, torch.Tensor):
@@ -463,7 +466,7 @@ def _check_block(logits: Union[torch.Tensor, np.ndarray], num_classes: int) -> t
         raise MapStoreError(f"logits must be (C={num_classes}, h, w), not {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise MapStoreError(f"logits must be floating point, not {logits.dtype}")
-    return logits.detach().to("cpu", torch.float32).contiguous()
+    return logits.detach().to("cpu", torch.float32)  # a view of the caller's block when it is one already
 
 
 def _check_target(path: Path, force: bool) -> None:
