@@ -10,7 +10,8 @@ from .errors import (ConversionError, ConvifyError, ImageError, LimitError, Mode
                      OutputExistsError)
 from .fcn import FullyConvNet, ModelMeta, load
 from .geometry import Geometry
+from .large import large_heatmap
 
 __all__ = ["convert", "load", "heatmap", "HeatmapResult", "Prediction", "load_image", "FullyConvNet", "Geometry", "ModelMeta", "ConvifyError", "ConversionError",
-           "ModelLoadError", "OutputExistsError", "ImageError", "LimitError", "OutputError"]
+           "ModelLoadError", "OutputExistsError", "ImageError", "LimitError", "OutputError", "large_heatmap"]
 __version__ = "0.1.0"
