@@ -6,12 +6,12 @@ torch.Size([1, 1000, 6, 6])
 """
 from .convert import convert
 from .engine import HeatmapResult, Prediction, heatmap, load_image
-from .errors import (ConversionError, ConvifyError, ImageError, LimitError, ModelLoadError, OutputError,
-                     OutputExistsError)
+from .errors import (ConversionError, ConvifyError, ImageError, LimitError, MapStoreError, ModelLoadError,
+                     OutputError, OutputExistsError)
 from .fcn import FullyConvNet, ModelMeta, load
 from .geometry import Geometry
 from .large import large_heatmap
 
 __all__ = ["convert", "load", "heatmap", "HeatmapResult", "Prediction", "load_image", "FullyConvNet", "Geometry", "ModelMeta", "ConvifyError", "ConversionError",
-           "ModelLoadError", "OutputExistsError", "ImageError", "LimitError", "OutputError", "large_heatmap"]
+           "ModelLoadError", "OutputExistsError", "ImageError", "LimitError", "OutputError", "MapStoreError", "large_heatmap"]
 __version__ = "0.1.0"

@@ -196,6 +196,7 @@ def _draw(image: Image.Image, values: torch.Tensor, first: tuple[float, float], 
     rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
     height, width = rgb.shape[:2]
     out = np.empty_like(rgb)
+    hatched = False
     for top in range(0, height, _STRIP_ROWS):
         strip = rgb[top:top + _STRIP_ROWS].astype(np.float32)
         rows = strip.shape[0]
@@ -209,6 +210,7 @@ def _draw(image: Image.Image, values: torch.Tensor, first: tuple[float, float], 
         drawn = np.clip(np.where(mask[..., None], blended, np.repeat(grey, 3, axis=2)) + 0.5, 0, 255)
         out[top:top + rows] = drawn.astype(np.uint8)
         _hatch(out[top:top + rows], mask, top)
+        hatched |= not bool(mask.all())
     picture = Image.fromarray(out, "RGB")
     draw = ImageDraw.Draw(picture)
     # PIL's rectangle includes its end pixels; the box's end is exclusive
@@ -218,7 +220,7 @@ def _draw(image: Image.Image, values: torch.Tensor, first: tuple[float, float], 
         draw.rectangle((x0, y0, x1, y1), outline=(0, 255, 255), width=max(2, width // 300))
     if not legend:
         return picture
-    return _with_legend(picture, label, peak, cmap, vmin, vmax)
+    return _with_legend(picture, label, peak, cmap, vmin, vmax, hatched)
 
 
 def _hatch(array: np.ndarray, inside: np.ndarray, top: int = 0) -> None:
@@ -237,7 +239,8 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _with_legend(picture: Image.Image, label: str, peak: float, cmap: str, vmin: float, vmax: float) -> Image.Image:
+def _with_legend(picture: Image.Image, label: str, peak: float, cmap: str, vmin: float, vmax: float,
+                 hatched: bool = True) -> Image.Image:
     width = picture.width
     text_size = max(12, width // 40)
     height = text_size * 3 + 12
@@ -246,7 +249,8 @@ def _with_legend(picture: Image.Image, label: str, peak: float, cmap: str, vmin:
     draw = ImageDraw.Draw(canvas)
     font = _font(text_size)
     top = picture.height + 4
-    draw.text((6, top), f"{label}: probability per cell (peak {peak:.2f}); hatched: no cell", fill=(0, 0, 0),
+    note = "; hatched: no cell" if hatched else ""
+    draw.text((6, top), f"{label}: probability per cell (peak {peak:.2f}){note}", fill=(0, 0, 0),
               font=font)
     bar_left, bar_right = 6, width - 6
     bar_top, bar_bottom = top + text_size + 4, top + text_size + 4 + text_size // 2 + 4
