@@ -12,19 +12,9 @@ from torch import nn
 import convify
 from convify import LimitError
 from convify.tiling import activation_bytes, plan_tiles, tiled_map
+from test_geometry import PaddingFree
 
 NUM_CLASSES = 7
-
-
-class PaddingFree(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(6, 8, 3, stride=2),
-                                  nn.ReLU(), nn.Conv2d(8, 8, 3))
-        self.fc = nn.Linear(8, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x).mean([2, 3]))
 
 
 class CeilPools(nn.Module):
