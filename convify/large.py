@@ -13,6 +13,7 @@ downsample ``scale`` (no resampling). Padding makes the map cover the whole imag
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,16 +176,16 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         if "png" in formats:
             picture = thumbnail(source, overlay_side)
             drawn = kept or order[:min(top_k, limits.MAX_GRID_PANELS)]
-            indices, probs = (None, None) if kept else store.top_k()
-            for index in drawn:
-                if kept:
-                    values = store.probs(index)
-                else:  # where the class is among a cell's top-k; elsewhere nothing is drawn
-                    values = np.where(indices == index, probs, 0.0).max(axis=-1)
+            # cells closer than a thumbnail pixel are pooled (max) while the store is read, a strip of rows at
+            # a time: memory follows the thumbnail, not the map
+            factor = max(1, math.ceil(max(width, height) / max(picture.size) / g.stride - 1e-9))
+            pooled = pooled_maps(store, drawn, factor)
+            first = (center0[0] + (factor - 1) / 2 * g.stride, center0[1] + (factor - 1) / 2 * g.stride)
+            for index, values in zip(drawn, pooled):
                 name = "".join(c if c.isalnum() else "_" for c in classes[index].lower()).strip("_") or "class"
-                drawing = overlay_large(picture, values, image_size=(width, height), geometry_center0=center0,
-                                        step=(g.stride, g.stride), label=classes[index], max_side=overlay_side,
-                                        reduce="max")
+                drawing = overlay_large(picture, values, image_size=(width, height), geometry_center0=first,
+                                        step=(g.stride * factor, g.stride * factor), label=classes[index],
+                                        max_side=overlay_side, reduce="max")
                 planned.append((out_dir / f"{stem}.{name}_{index}.png", _png_bytes(drawing)))
         if "json" in formats:
             summary = {"image": str(image), "image_size": [width, height], "level": level, "scale": scale,
@@ -201,6 +202,36 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
     finally:
         source.close()
     return LargeResult(store_path, [store_path, *written], (width, height), plan.map_size, top_classes, plan.count)
+
+
+def pooled_maps(store: Any, indices: Sequence[int], factor: int, strip: int = 256) -> list[np.ndarray]:
+    """Each class's probability map, max-pooled by ``factor`` cells a side, read a strip of rows at a time.
+
+    A class the store kept whole is read exactly; otherwise it is taken from the per-cell top-k (where the
+    class is among a cell's best; 0 elsewhere). Memory: the pooled maps plus one strip of the store.
+
+    Returns:
+        One ``(ceil(H' / factor), ceil(W' / factor))`` float32 array per index.
+    """
+    rows, cols = store.map_size
+    kept = set(store.kept) | (set(range(store.num_classes)) if store.all_classes else set())
+    out_rows, out_cols = -(-rows // factor), -(-cols // factor)
+    pooled = [np.zeros((out_rows, out_cols), np.float32) for _ in indices]
+    step = max(factor, strip // factor * factor)
+    for r0 in range(0, rows, step):
+        window = slice(r0, min(rows, r0 + step))
+        top = None if all(i in kept for i in indices) else store.top_k(rows=window)
+        for out, index in zip(pooled, indices):
+            if index in kept:
+                values = store.probs(index, rows=window)
+            else:
+                values = np.where(top[0] == index, top[1], 0.0).max(axis=-1).astype(np.float32)
+            h, w = values.shape
+            padded = np.zeros((-(-h // factor) * factor, out_cols * factor), np.float32)
+            padded[:h, :w] = values
+            block = padded.reshape(-1, factor, out_cols, factor).max(axis=(1, 3))
+            out[r0 // factor:r0 // factor + block.shape[0]] = block
+    return pooled
 
 
 def is_large(image: Any, size: Union[int, str, None], max_pixels: int = limits.MAX_PIXELS,

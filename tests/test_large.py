@@ -118,3 +118,25 @@ def test_the_command_line_streams_big_images_and_says_so(tmp_path: Path, small: 
     assert again.exit_code == 1 and "already exists; use --force" in again.output
     npy = runner.invoke(cli, args + ["--force", "--format", "npy"])
     assert npy.exit_code == 1 and "npy is not written for a streamed image" in npy.output
+
+
+def test_overlays_pool_the_map_a_strip_at_a_time(tmp_path: Path, small: convify.FullyConvNet,
+                                                 picture: tuple[np.ndarray, Path]) -> None:
+    """Overlays read the store in strips and max-pool cells closer than a thumbnail pixel: the pooled maps
+    equal a max-pool of the whole maps read at once."""
+    from convify.large import pooled_maps
+
+    _, path = picture
+    result = large_heatmap(path, tmp_path, small, queries=["dog"], top_k=3, overlay_side=64)
+    store = open_map(result.store)
+    rows, cols = store.map_size
+    indices, probs = store.top_k()
+    for factor in (1, 3, 4):
+        pooled = pooled_maps(store, [3, 0, 5], factor, strip=7)
+        whole = [store.probs(3)] + [np.where(indices == c, probs, 0.0).max(axis=-1) for c in (0, 5)]
+        for got, full in zip(pooled, whole):
+            expected = F.max_pool2d(torch.from_numpy(np.asarray(full, np.float32))[None, None], factor,
+                                    ceil_mode=True)[0, 0]
+            torch.testing.assert_close(torch.from_numpy(got), expected)
+    drawn = Image.open(tmp_path / "big.dog_3.png")
+    assert max(drawn.size) <= 64 + 40  # the thumbnail plus its legend strip
