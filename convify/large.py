@@ -26,7 +26,7 @@ from . import limits
 from .engine import ModelLike, PAD_MODES, _as_network, clip_box, padding, resolve_class
 from .errors import ConvifyError, OutputExistsError
 from .fcn import FullyConvNet
-from .outputs import write_files
+from .outputs import check_not_inputs, write_files
 
 __all__ = ["LargeResult", "large_heatmap", "is_large", "DEFAULT_OVERLAY_SIDE"]
 
@@ -133,6 +133,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
     g = fcn.geometry
     out_dir = Path(output)
     stem = stem or Path(image).stem
+    check_not_inputs([out_dir / f"{stem}.json"], [image])  # before any work, not after it
     if "json" in formats and (out_dir / f"{stem}.json").exists() and not force:
         raise OutputExistsError(f"{out_dir / f'{stem}.json'} already exists; use --force (force=True) to overwrite it")
     source = open_source(image, level=level, scale=scale)
@@ -195,6 +196,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
                                     "receptive_field": g.receptive_field, "local": g.local},
                        "top": top_classes, "classes": [describe(i) for i in kept]}
             planned.append((out_dir / f"{stem}.json", json.dumps(summary, indent=2).encode()))
+        check_not_inputs([p for p, _ in planned], [image])  # even with force
         existing = [p for p, _ in planned if p.exists()]
         if existing and not force:
             raise OutputExistsError(f"{existing[0]} already exists; use --force (force=True) to overwrite it")

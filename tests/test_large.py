@@ -140,3 +140,17 @@ def test_overlays_pool_the_map_a_strip_at_a_time(tmp_path: Path, small: convify.
             torch.testing.assert_close(torch.from_numpy(got), expected)
     drawn = Image.open(tmp_path / "big.dog_3.png")
     assert max(drawn.size) <= 64 + 40  # the thumbnail plus its legend strip
+
+
+def test_a_streamed_run_never_writes_over_its_image(tmp_path: Path, small: convify.FullyConvNet,
+                                                    picture: tuple[np.ndarray, Path]) -> None:
+    """A TIFF named like the summary (photo.json) in the output folder is refused, force or not."""
+    from convify import OutputError
+
+    pixels, _ = picture
+    disguised = tmp_path / "photo.json"
+    tifffile.imwrite(disguised, pixels, tile=(64, 64), photometric="rgb")
+    before = disguised.read_bytes()
+    with pytest.raises(OutputError, match="input"):
+        large_heatmap(disguised, tmp_path, small, force=True, formats=("json",))
+    assert disguised.read_bytes() == before
