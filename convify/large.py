@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import limits
-from .engine import ModelLike, PAD_MODES, _as_network, clip_box, padding, resolve_class
+from .engine import ModelLike, PAD_MODES, _as_network, _png, _slug, clip_box, padding, resolve_class
 from .errors import ConvifyError, OutputExistsError
 from .fcn import FullyConvNet
 from .outputs import check_not_inputs, write_files
@@ -183,11 +183,11 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
             pooled = pooled_maps(store, drawn, factor)
             first = (center0[0] + (factor - 1) / 2 * g.stride, center0[1] + (factor - 1) / 2 * g.stride)
             for index, values in zip(drawn, pooled):
-                name = "".join(c if c.isalnum() else "_" for c in classes[index].lower()).strip("_") or "class"
+                name = _slug(classes[index])
                 drawing = overlay_large(picture, values, image_size=(width, height), geometry_center0=first,
                                         step=(g.stride * factor, g.stride * factor), label=classes[index],
                                         max_side=overlay_side, reduce="max")
-                planned.append((out_dir / f"{stem}.{name}_{index}.png", _png_bytes(drawing)))
+                planned.append((out_dir / f"{stem}.{name}_{index}.png", _png(drawing)))
         if "json" in formats:
             summary = {"image": str(image), "image_size": [width, height], "level": level, "scale": scale,
                        "model": fcn.meta.arch, "map_size": list(plan.map_size), "store": str(store_path),
@@ -266,11 +266,3 @@ def _num_classes(fcn: FullyConvNet) -> int:
     with torch.inference_mode():
         out = fcn(x)
     return int((out[0] if isinstance(out, (tuple, list)) else out).shape[1])
-
-
-def _png_bytes(picture: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -172,7 +172,20 @@ def _choose_level(downsamples: Sequence[float], level: Optional[int], scale: Opt
 # In memory
 
 
-class ArraySource:
+class _Closing:
+    """A source as a context manager: leaving the block closes it."""
+
+    def close(self) -> None:  # overridden by every source
+        raise NotImplementedError
+
+    def __enter__(self) -> "_Closing":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ArraySource(_Closing):
     """An ``(H, W, 3)`` uint8 RGB array (an upright photo from :func:`convify.engine.load_image`) as a source."""
 
     downsample = 1.0
@@ -195,12 +208,6 @@ class ArraySource:
     def close(self) -> None:
         """Nothing to release."""
 
-    def __enter__(self) -> "ArraySource":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"ArraySource({self.width}x{self.height})"
 
@@ -209,7 +216,7 @@ class ArraySource:
 # TIFF through tifffile
 
 
-class TiffSource:
+class TiffSource(_Closing):
     """A TIFF/BigTIFF/OME-TIFF (first series), read lazily: a read decodes only the tiles/strips it touches.
 
     Attributes:
@@ -309,12 +316,6 @@ class TiffSource:
         if self._handle is not None:
             self._handle.close()
             self._handle = None  # type: ignore[assignment]
-
-    def __enter__(self) -> "TiffSource":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"TiffSource({self._name!r}, level={getattr(self, 'level', '?')}, {getattr(self, 'width', '?')}x" \
@@ -470,7 +471,7 @@ class _Orientation:
 # Whole-slide images through OpenSlide
 
 
-class SlideSource:
+class SlideSource(_Closing):
     """A whole-slide image read through OpenSlide (``pip install convify[slides]``) at one pyramid level.
 
     ``read`` asks OpenSlide for the level's own pixels (``read_region`` at level-0 coordinates
@@ -555,12 +556,6 @@ class SlideSource:
                 pass
             self._slide = None
 
-    def __enter__(self) -> "SlideSource":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"SlideSource({self._name!r}, level={getattr(self, 'level', '?')})"
 
@@ -569,7 +564,7 @@ class SlideSource:
 # Padding
 
 
-class _Padded:
+class _Padded(_Closing):
     """``source`` with a border; see :func:`padded`."""
 
     def __init__(self, source: RegionSource, left: int, top: int, right: int, bottom: int, mode: str) -> None:
@@ -602,12 +597,6 @@ class _Padded:
     def close(self) -> None:
         """Close the underlying source."""
         self.source.close()
-
-    def __enter__(self) -> "_Padded":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def padded(source: RegionSource, left: int, top: int, right: int, bottom: int,
