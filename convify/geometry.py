@@ -33,7 +33,7 @@ from .errors import ConversionError, ConvifyError
 from .ops import op_for, op_name
 from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
 
-__all__ = ["Geometry", "analyse_geometry"]
+__all__ = ["Geometry", "analyse_geometry", "window_of", "padding_mode"]
 
 
 @dataclass(frozen=True)
@@ -342,6 +342,9 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
                 global_context.append(_context_name(net, n, spans))
         name = op_name(net, node)
         params = _window_params(net, node, layouts)
+        if params is not None and padding_mode(name, net.get_submodule(node.target) if node.op == "call_module"
+                                               else None, node.args, node.kwargs) == "circular":
+            global_context.append(node.name)  # the far edge wraps around into every edge cell
         if params is not None:
             (h, w) = params
             padded |= any(p[2] or p[3] for p in params) or _hangs_over(layouts, mapped[0], params)
@@ -443,18 +446,40 @@ def _norm_is_local(net: fx.GraphModule, node: fx.Node, layout: Layout) -> bool:
 
 
 def _window_params(net: fx.GraphModule, node: fx.Node, layouts: dict[fx.Node, Layout]):
-    """Per-axis ``(kernel, stride, pad_before, pad_after, dilation, ceil_mode)`` of a windowed op, else None."""
+    """Per-axis ``(kernel, stride, pad_before, pad_after, dilation, ceil_mode)`` of a windowed node, else None."""
     name = op_name(net, node)
     module = net.get_submodule(node.target) if node.op == "call_module" else None
+    kernel = None
+    if name == "conv2d" and module is None:
+        weight = node_arg(node, 1, "weight")
+        if not (isinstance(weight, fx.Node) and weight in layouts):
+            return None
+        kernel = tuple(layouts[weight].shape[2:])
+    if name == "pad" and layouts[node].wdims[0] != len(layouts[node].shape) - 1:
+        return None  # a channels-last map: the pad's last pair is not the width
+    return window_of(name, module, node.args, node.kwargs, kernel)
+
+
+def window_of(name: str, module: Optional[torch.nn.Module], args: tuple, kwargs: dict,
+              kernel: Optional[tuple[int, int]] = None):
+    """Per-axis ``(kernel, stride, pad_before, pad_after, dilation, ceil_mode)`` of a windowed operation.
+
+    The one place that reads a window off a layer (``module``) or off a call's arguments (``args``,
+    ``kwargs``, the map first): the geometry reads graphs with it, streaming (:mod:`convify.stream`) reads
+    running steps. ``kernel`` is a functional convolution's ``(kh, kw)`` (its weight is an argument).
+    Returns None for an operation that is not a window convify can describe (a pad of more than the
+    map's two dimensions).
+    """
+    def arg(position: int, key: str, default: Any = None) -> Any:
+        return kwargs[key] if key in kwargs else args[position] if len(args) > position else default
+
     if name == "conv2d":
         if module is not None:
             k, s, d, p = module.kernel_size, module.stride, module.dilation, module.padding
         else:
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-            k = tuple(layouts[weight].shape[2:]) if isinstance(weight, fx.Node) and weight in layouts else None
-            if k is None:
+            if kernel is None:
                 return None
-            s, p, d = node_arg(node, 3, "stride", 1), node_arg(node, 4, "padding", 0), node_arg(node, 5, "dilation", 1)
+            k, s, p, d = kernel, arg(3, "stride", 1), arg(4, "padding", 0), arg(5, "dilation", 1)
         k, s, d = pair(k), pair(s), pair(d)
         if p == "same":
             totals = [d[a] * (k[a] - 1) for a in (0, 1)]
@@ -469,17 +494,32 @@ def _window_params(net: fx.GraphModule, node: fx.Node, layouts: dict[fx.Node, La
             d = getattr(module, "dilation", 1)
             ceil = module.ceil_mode
         else:
-            k = node_arg(node, 1, "kernel_size")
-            s = node_arg(node, 2, "stride") or k
-            p = node_arg(node, 3, "padding", 0)
-            d = node_arg(node, 4, "dilation", 1) if name == "max_pool2d" else 1
-            ceil = node_arg(node, 5 if name == "max_pool2d" else 4, "ceil_mode", False)
+            k = arg(1, "kernel_size")
+            s = arg(2, "stride") or k
+            p = arg(3, "padding", 0)
+            d = arg(4, "dilation", 1) if name == "max_pool2d" else 1
+            ceil = arg(5 if name == "max_pool2d" else 4, "ceil_mode", False)
         k, s, p, d = pair(k), pair(s or k), pair(p), pair(d)
         return tuple((k[a], s[a], p[a], p[a], d[a], int(bool(ceil))) for a in (0, 1))
     if name == "pad":
-        pads = tuple(module.padding if module is not None else node_arg(node, 1, "pad"))
-        left, right, top, bottom = pads + (0,) * (4 - len(pads)) if len(pads) <= 4 else (None,) * 4
-        if left is None or layouts[node].wdims[0] != len(layouts[node].shape) - 1:
-            return None  # pads more than the map's two dimensions, or a channels-last map
+        pads = tuple(module.padding if module is not None else arg(1, "pad"))
+        if len(pads) > 4:
+            return None  # pads more than the map's two dimensions
+        left, right, top, bottom = pads + (0,) * (4 - len(pads))
         return ((1, 1, top, bottom, 1, 0), (1, 1, left, right, 1, 0))
     return None
+
+
+def padding_mode(name: str, module: Optional[torch.nn.Module], args: tuple, kwargs: dict) -> str:
+    """How a windowed operation pads: ``"zeros"`` (or another constant), ``"reflect"``, ``"replicate"`` or
+    ``"circular"`` (which wraps the far edge of the map around: every cell near an edge sees the other)."""
+    if module is not None:
+        if isinstance(module, torch.nn.ReflectionPad2d):
+            return "reflect"
+        if isinstance(module, torch.nn.ReplicationPad2d):
+            return "replicate"
+        return str(getattr(module, "padding_mode", "zeros"))
+    if name == "pad":
+        mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+        return mode if isinstance(mode, str) else "constant"
+    return "zeros"

@@ -36,7 +36,7 @@ from torch import nn
 from .layers import PointwiseConv2d
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
-           "function_op", "resolve_method", "module_class", "module_classes", "TENSOR_ATTRIBUTES"]
+           "function_op", "resolve_method", "module_class", "module_classes", "module_op", "TENSOR_ATTRIBUTES"]
 
 
 @dataclass(frozen=True)
@@ -300,6 +300,11 @@ def module_class(name: str) -> Optional[type]:
 def module_classes() -> tuple[type, ...]:
     """Every layer class a converted network may contain."""
     return tuple(_BY_MODULE)
+
+
+def module_op(module: nn.Module) -> Optional[Op]:
+    """The table entry of what a layer computes, or None for layers convify does not know."""
+    return _BY_MODULE.get(type(module))
 
 
 def op_for(gm: Optional[nn.Module], node: fx.Node) -> Optional[Op]:

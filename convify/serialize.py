@@ -29,7 +29,7 @@ from . import limits, ops
 from .errors import ConvifyError, LimitError, ModelLoadError
 from .tracing import fetch_attr
 
-__all__ = ["graph_to_data", "graph_from_data", "StoredGraph"]
+__all__ = ["graph_to_data", "graph_from_data", "StoredGraph", "graph_steps", "Step", "Ref", "run_step"]
 
 _SKIP_INIT_ARGS = {"self", "device", "dtype"}
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
@@ -166,6 +166,47 @@ def _substitute(value: Any, env: list) -> Any:
     return value
 
 
+Step, Ref = _Step, _Ref  # public names for the modules that walk a graph themselves (convify.stream)
+
+
+def graph_steps(net: nn.Module) -> tuple[list[_Step], Any]:
+    """The steps a converted network runs, in order, and its output as references into them.
+
+    Works on the ``torch.fx.GraphModule`` that :func:`convify.convert` made and on a :class:`StoredGraph`
+    alike: a step's arguments hold :class:`Ref` where they read an earlier step's value; run one with
+    :func:`run_step`.
+    """
+    if isinstance(net, StoredGraph):
+        return list(net._steps), net._output
+    index: dict[fx.Node, int] = {}
+    steps: list[_Step] = []
+    for node in net.graph.nodes:
+        def ref(n: fx.Node) -> _Ref:
+            return _Ref(index[n])
+
+        if node.op == "output":
+            return steps, fx.node.map_arg(node.args[0], ref)
+        index[node] = len(steps)
+        steps.append(_Step(node.name, node.op, node.target, fx.node.map_arg(node.args, ref),
+                           fx.node.map_arg(node.kwargs, ref), op=ops.op_for(net, node)))
+    raise ConvifyError("the converted network has no output")
+
+
+def run_step(net: nn.Module, step: _Step, args: tuple, kwargs: dict) -> Any:
+    """Run one step of :func:`graph_steps` on argument values (references already replaced)."""
+    if step.kind == "call_module":
+        return net.get_submodule(step.call)(*args, **kwargs)
+    if step.kind == "call_function":
+        return step.call(*args, **kwargs)
+    if step.kind == "call_method":
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"step '{step.name}' calls .{step.call}() on something that is not a tensor")
+        return getattr(args[0], step.call)(*args[1:], **kwargs)
+    if step.kind == "get_attr":
+        return fetch_attr(net, step.call)
+    raise ConvifyError(f"step '{step.name}' of kind {step.kind} cannot be run on its own")
+
+
 class StoredGraph(nn.Module):
     """A converted network rebuilt from a file: ``(N, 3, H, W) -> (N, classes, H', W')`` (or a tuple of maps).
 
@@ -199,13 +240,22 @@ class StoredGraph(nn.Module):
             LimitError: the graph would need more memory than the limits allow at this input size.
             ModelLoadError: the graph writes into its input or weights, or fails at this input size.
         """
+        self.check_input(x)
+        return self._run(x, self._call)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """The dry run of :meth:`forward` for an input of ``x``'s shape and dtype (``x`` may be on ``meta``),
+        once per shape: code that runs the steps itself (:mod:`convify.stream`) calls it first.
+
+        Raises:
+            LimitError, ModelLoadError: as :meth:`forward`.
+        """
         key = (tuple(x.shape), x.dtype)
         if key not in self._checked:
             self._dry_run(x)
             if len(self._checked) > 256:
                 self._checked.clear()
             self._checked.add(key)
-        return self._run(x, self._call)
 
     def _call(self, step: _Step, args: tuple, kwargs: dict) -> Any:
         if step.kind == "call_module":
