@@ -44,7 +44,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 result = large_heatmap(image, out, fcn, max_memory=budget, force=True)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "crops": result.crops, "map": list(result.map_size),
+print(json.dumps({"seconds": seconds, "passes": result.passes, "streamed": result.streamed, "map": list(result.map_size),
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before,
                   "top": result.top[0]["name"]}))
 """
@@ -84,7 +84,7 @@ def main() -> None:
         print(f"wrote {image} ({image.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s")
     print(f"{args.side}x{args.side} px ({args.side ** 2 / 1e6:.0f} MP), budget {args.budget / 2 ** 30:.1f} GB, "
           f"{args.threads} threads")
-    print(f"{'model':<10} {'crops':>6} {'map':>11} {'seconds':>8} {'MP/s':>6} {'peak RSS':>9} {'before run':>10} "
+    print(f"{'model':<10} {'passes':>6} {'map':>11} {'seconds':>8} {'MP/s':>6} {'peak RSS':>9} {'before run':>10} "
           f"{'above budget':>12}")
     for model in args.models:
         done = subprocess.run([sys.executable, "-c", _CHILD, str(image), model, str(work / model),
@@ -94,7 +94,7 @@ def main() -> None:
             print(f"{model}: failed\n{done.stderr[-2000:]}")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{model:<10} {r['crops']:>6} {r['map'][0]:>5}x{r['map'][1]:<5} {r['seconds']:>8.0f} "
+        print(f"{model:<10} {r['passes']:>6} {r['map'][0]:>5}x{r['map'][1]:<5} {r['seconds']:>8.0f} "
               f"{args.side ** 2 / 1e6 / r['seconds']:>6.2f} {r['peak_rss'] / 2 ** 30:>7.2f}GB "
               f"{r['rss_before'] / 2 ** 30:>8.2f}GB {(r['peak_rss'] - args.budget) / 2 ** 30:>10.2f}GB")
 

@@ -254,7 +254,8 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
                                         top_k=top_k, all_classes=all_classes, max_memory=max_memory,
                                         overlay_side=overlay_side, formats=wanted, force=force)
                     lines = [f"{printable(image)} ({big.image_size[0]}x{big.image_size[1]} px, map "
-                             f"{big.map_size[0]}x{big.map_size[1]}, {big.crops} crops):"]
+                             f"{big.map_size[0]}x{big.map_size[1]}, "
+                             f"{big.passes} {'strips' if big.streamed else 'crops'}):"]
                     for p in big.top[:top_k]:
                         box = ", ".join(f"{v:.0f}" for v in p["box_in_image"])
                         lines.append(f"  {printable(p['name'], 60):<24} {p['probability']:6.3f}  peak cell "

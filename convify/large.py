@@ -45,7 +45,8 @@ class LargeResult:
         map_size: ``(H', W')``.
         top: the best classes over the whole image: ``{"index", "name", "probability", "logit", "cell",
             "box", "box_in_image"}`` each, best first.
-        crops: how many crops the network ran on.
+        passes: how many forward passes the network ran: crops, or strips over all bands when streamed.
+        streamed: whether the image was streamed (:mod:`convify.stream`) rather than cut into crops.
     """
 
     store: Path
@@ -53,7 +54,8 @@ class LargeResult:
     image_size: tuple[int, int]
     map_size: tuple[int, int]
     top: list[dict[str, Any]]
-    crops: int
+    passes: int
+    streamed: bool = False
 
 
 def _reader(fcn: FullyConvNet, source: Any, pads: Sequence[int], mode: str) -> Any:
@@ -105,7 +107,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
             best classes are drawn from the per-cell top-k (a class is drawn where it is among a cell's best).
         top_k: classes kept per cell, and drawn when no class is asked for.
         all_classes: store every class's scores (refused above :data:`~convify.limits.MAX_STORE_BYTES`).
-        max_memory: the budget for the network's tensors (crops are sized to fit it).
+        max_memory: the budget for the network's tensors (strips or crops are sized to fit it).
         overlay_side: the long side of the overlays, in pixels.
         formats: ``png`` (overlays) and ``json`` (summary) besides the store, which is always written.
         force: replace existing outputs (never an input).
@@ -191,7 +193,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         if "json" in formats:
             summary = {"image": str(image), "image_size": [width, height], "level": level, "scale": scale,
                        "model": fcn.meta.arch, "map_size": list(plan.map_size), "store": str(store_path),
-                       "crops": plan.count, "pad": list(pads),
+                       "passes": plan.count, "streamed": bool(plan.strip), "pad": list(pads),
                        "geometry": {"stride": g.stride, "window": g.window, "offset": g.offset,
                                     "receptive_field": g.receptive_field, "local": g.local},
                        "top": top_classes, "classes": [describe(i) for i in kept]}
@@ -203,7 +205,8 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         written = write_files([(p, lambda f, data=data: f.write(data)) for p, data in planned])
     finally:
         source.close()
-    return LargeResult(store_path, [store_path, *written], (width, height), plan.map_size, top_classes, plan.count)
+    return LargeResult(store_path, [store_path, *written], (width, height), plan.map_size, top_classes, plan.count,
+                       bool(plan.strip))
 
 
 def pooled_maps(store: Any, indices: Sequence[int], factor: int, strip: int = 256) -> list[np.ndarray]:

@@ -29,7 +29,7 @@ from . import limits, ops
 from .errors import ConvifyError, LimitError, ModelLoadError
 from .tracing import fetch_attr
 
-__all__ = ["graph_to_data", "graph_from_data", "StoredGraph", "graph_steps", "Step", "Ref", "run_step"]
+__all__ = ["graph_to_data", "graph_from_data", "StoredGraph", "graph_steps", "Step", "Ref", "run_step", "substitute"]
 
 _SKIP_INIT_ARGS = {"self", "device", "dtype"}
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
@@ -166,7 +166,8 @@ def _substitute(value: Any, env: list) -> Any:
     return value
 
 
-Step, Ref = _Step, _Ref  # public names for the modules that walk a graph themselves (convify.stream)
+# public names for the modules that walk a graph themselves (convify.stream)
+Step, Ref, substitute = _Step, _Ref, _substitute
 
 
 def graph_steps(net: nn.Module) -> tuple[list[_Step], Any]:

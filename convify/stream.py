@@ -28,6 +28,7 @@ from torch import nn
 
 from .geometry import padding_mode, window_of
 from .serialize import Ref, StoredGraph, graph_steps, run_step
+from .serialize import substitute as _substitute
 
 __all__ = ["Program", "compile_stream", "stream_rows", "NotStreamable"]
 
@@ -101,20 +102,6 @@ def _refs(value: Any) -> list[int]:
     return []
 
 
-def _substitute(value: Any, env: list) -> Any:
-    if isinstance(value, Ref):
-        return env[value.index]
-    if isinstance(value, tuple):
-        return tuple(_substitute(v, env) for v in value)
-    if isinstance(value, list):
-        return [_substitute(v, env) for v in value]
-    if isinstance(value, dict):
-        return {k: _substitute(v, env) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_substitute(value.start, env), _substitute(value.stop, env), _substitute(value.step, env))
-    return value
-
-
 def _maps(value: Any) -> list[torch.Tensor]:
     """The tensors of a step's value (a map, or the tuple a split returns)."""
     if isinstance(value, torch.Tensor):
@@ -168,7 +155,12 @@ def compile_stream(net: nn.Module, height: int, width: int) -> Program:
                 nodes.append(_Node(index, step, "input", height))
                 continue
             args, kwargs = _substitute(step.args, env), _substitute(step.kwargs, env)
-            value = run_step(net, step, args, kwargs)
+            try:
+                value = run_step(net, step, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - a whole pass would fail the same way, with its own error
+                text = str(e).strip().splitlines()
+                raise NotStreamable(f"step '{step.name}' fails on a {width}x{height} input: "
+                                    f"{text[0][:160] if text else type(e).__name__}") from None
             env[index] = value
             if not _is_image((step.args, step.kwargs), image):
                 nodes.append(_Node(index, step, "const"))

@@ -62,7 +62,7 @@ def test_streamed_map_equals_the_in_memory_heatmap(tmp_path: Path, small: convif
     budget = 700_000  # forces many crops (this net takes ~28 bytes a pixel)
     result = large_heatmap(path, tmp_path, small, pad=pad, queries=["cat", 4], top_k=3, max_memory=budget)
     reference = convify.heatmap(Image.fromarray(pixels), small, size=None, pad=pad)
-    assert result.crops > 4
+    assert result.passes > 4
     assert result.map_size == tuple(reference.logits.shape[1:])
     store = open_map(result.store)
     for index in (2, 4):
@@ -75,7 +75,7 @@ def test_streamed_map_equals_the_in_memory_heatmap(tmp_path: Path, small: convif
     summary = json.loads((tmp_path / "big.json").read_text())
     assert summary["top"][0]["name"] == reference.top(1)[0].name
     assert summary["top"][0]["cell"] == list(reference.top(1)[0].cell)
-    assert summary["pad"] == list(reference.pad) and summary["crops"] == result.crops
+    assert summary["pad"] == list(reference.pad) and summary["passes"] == result.passes
     pngs = sorted(p.name for p in tmp_path.glob("big.*.png"))
     assert pngs == ["big.cat_2.png", "big.eel_4.png"]
     assert max(Image.open(tmp_path / pngs[0]).size) <= 4096
