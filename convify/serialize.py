@@ -29,7 +29,7 @@ from . import limits, ops
 from .errors import ConvifyError, LimitError, ModelLoadError
 from .tracing import fetch_attr
 
-__all__ = ["graph_to_data", "graph_from_data", "StoredGraph", "graph_steps", "Step", "Ref", "run_step", "substitute"]
+__all__ = ["graph_to_data", "graph_from_data", "StoredGraph", "graph_steps", "Step", "Ref", "run_step", "substitute", "fake_run", "step_refs"]
 
 _SKIP_INIT_ARGS = {"self", "device", "dtype"}
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
@@ -208,6 +208,63 @@ def run_step(net: nn.Module, step: _Step, args: tuple, kwargs: dict) -> Any:
     raise ConvifyError(f"step '{step.name}' of kind {step.kind} cannot be run on its own")
 
 
+def fake_run(net: nn.Module, height: int, width: int, needed: Optional[set[int]] = None) \
+        -> tuple[list[_Step], Any, list[Any], set[int]]:
+    """Run a converted network's steps on fake tensors: shapes and real constants, no memory, no arithmetic.
+
+    Args:
+        net: a converted network (see :func:`graph_steps`).
+        height, width: the ``(1, 3, height, width)`` input.
+        needed: run only these steps (the others' values stay None).
+
+    Returns:
+        ``(steps, output, values, image)``: the steps, the output (references into them), each step's value
+        (fake tensors for what the image feeds), and the indices of the steps that read the image.
+
+    Raises:
+        Whatever a step raises at this size (the caller says what it means).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    steps, output = graph_steps(net)
+    param = next(iter(net.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    values: list[Any] = [None] * len(steps)
+    image: set[int] = set()
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake, torch.inference_mode():
+        for index, step in enumerate(steps):
+            if needed is not None and index not in needed:
+                continue
+            if step.kind == "placeholder":
+                values[index] = fake.from_tensor(torch.empty(1, 3, height, width, dtype=dtype))
+                image.add(index)
+                continue
+            values[index] = run_step(net, step, _substitute(step.args, values), _substitute(step.kwargs, values))
+            if any(i in image for i in step_refs(step)):
+                image.add(index)
+    return steps, output, values, image
+
+
+def step_refs(step: _Step) -> list[int]:
+    """The indices of the earlier steps a step reads."""
+    found: list[int] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, _Ref):
+            found.append(value.index)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, slice):
+            walk((value.start, value.stop, value.step))
+
+    walk((step.args, step.kwargs))
+    return found
+
+
 class StoredGraph(nn.Module):
     """A converted network rebuilt from a file: ``(N, 3, H, W) -> (N, classes, H', W')`` (or a tuple of maps).
 
@@ -337,6 +394,9 @@ class _DryRun:
         self.steps = steps
         self.at = steps[0].name if steps else ""
         self.protected: set[int] = set()  # storages of the input and the file's tensors
+        # ... kept alive until the run ends: a freed storage's key can be reused by a step's new result,
+        # which would then look like a write into a protected tensor
+        self._kept: list[torch.Tensor] = []
         self.storages: dict[int, list[int]] = {}  # storage -> [bytes, values holding it]
         self.held: dict[int, list[int]] = {}  # step index -> storages its value holds
         self.alive = 0
@@ -347,6 +407,7 @@ class _DryRun:
 
     def protect(self, tensor: torch.Tensor) -> torch.Tensor:
         self.protected.add(self._key(tensor))
+        self._kept.append(tensor)
         return tensor
 
     def _too_much(self, what: str, size: int) -> LimitError:

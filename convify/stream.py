@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .geometry import padding_mode, window_of
-from .serialize import Ref, StoredGraph, graph_steps, run_step
+from .serialize import Ref, StoredGraph, fake_run, graph_steps, run_step, step_refs
 from .serialize import substitute as _substitute
 
 __all__ = ["Program", "compile_stream", "stream_rows", "NotStreamable"]
@@ -90,18 +90,6 @@ def _is_image(value: Any, image: set[int]) -> bool:
     return False
 
 
-def _refs(value: Any) -> list[int]:
-    if isinstance(value, Ref):
-        return [value.index]
-    if isinstance(value, (tuple, list)):
-        return [i for v in value for i in _refs(v)]
-    if isinstance(value, dict):
-        return [i for v in value.values() for i in _refs(v)]
-    if isinstance(value, slice):
-        return [i for v in (value.start, value.stop, value.step) for i in _refs(v)]
-    return []
-
-
 def _maps(value: Any) -> list[torch.Tensor]:
     """The tensors of a step's value (a map, or the tuple a split returns)."""
     if isinstance(value, torch.Tensor):
@@ -124,64 +112,48 @@ def _argument(args: tuple, kwargs: dict, position: int, key: str, default: Any =
 def compile_stream(net: nn.Module, height: int, width: int) -> Program:
     """Check that ``net`` streams and plan it for a ``(1, 3, height, width)`` input.
 
-    Shapes come from one pass on fake tensors (no memory, no arithmetic); a :class:`StoredGraph` also
-    gets the dry run it would get before a whole pass of that size.
+    Shapes come from one pass on fake tensors (:func:`~convify.serialize.fake_run`); a :class:`StoredGraph`
+    also gets the dry run it would get before a whole pass of that size.
 
     Raises:
         NotStreamable: naming the first step that cannot stream, and why.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     steps, output = graph_steps(net)
-    param = next(iter(net.parameters()), None)
-    dtype = param.dtype if param is not None else torch.float32
     if isinstance(net, StoredGraph):
-        net.check_input(torch.empty(1, 3, height, width, dtype=dtype, device="meta"))
+        param = next(iter(net.parameters()), None)
+        net.check_input(torch.empty(1, 3, height, width, device="meta",
+                                    dtype=param.dtype if param is not None else torch.float32))
     first = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(first, Ref):
         raise NotStreamable("the network's output is not a step's value")
     needed = _needed(steps, first.index)
+    try:
+        steps, _, env, image = fake_run(net, height, width, needed)
+    except Exception as e:  # noqa: BLE001 - a whole pass would fail the same way, with its own error
+        text = str(e).strip().splitlines()
+        raise NotStreamable(f"the network fails on a {width}x{height} input: "
+                            f"{text[0][:160] if text else type(e).__name__}") from None
     nodes: list[_Node] = []
-    image: set[int] = set()
-    env: list[Any] = [None] * len(steps)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake, torch.inference_mode():
-        for index, step in enumerate(steps):
-            if index not in needed:
-                nodes.append(_Node(index, step, "const"))
-                continue
-            if step.kind == "placeholder":
-                env[index] = fake.from_tensor(torch.empty(1, 3, height, width, dtype=dtype))
-                image.add(index)
-                nodes.append(_Node(index, step, "input", height))
-                continue
-            args, kwargs = _substitute(step.args, env), _substitute(step.kwargs, env)
-            try:
-                value = run_step(net, step, args, kwargs)
-            except Exception as e:  # noqa: BLE001 - a whole pass would fail the same way, with its own error
-                text = str(e).strip().splitlines()
-                raise NotStreamable(f"step '{step.name}' fails on a {width}x{height} input: "
-                                    f"{text[0][:160] if text else type(e).__name__}") from None
-            env[index] = value
-            if not _is_image((step.args, step.kwargs), image):
-                nodes.append(_Node(index, step, "const"))
-                continue
-            nodes.append(_classify(net, index, step, args, kwargs, value, env, image))
-            image.add(index)
+    for index, step in enumerate(steps):
+        if step.kind == "placeholder" and index in image:
+            nodes.append(_Node(index, step, "input", height))
+        elif index not in image or index not in needed:
+            nodes.append(_Node(index, step, "const"))
+        else:
+            nodes.append(_classify(net, index, step, _substitute(step.args, env), _substitute(step.kwargs, env),
+                                   env[index], env, image))
     for node in nodes:
         for source in node.sources:
             nodes[source].consumers.append(node.index)
-    last_reader = {}
-    for node in nodes:
-        for source in node.sources:
-            last_reader[source] = node.index
+    last_reader = {source: node.index for node in nodes for source in node.sources}
     _check_in_place(nodes, net)
     consts: set[int] = set()
-    todo = [i for n in nodes if n.kind in ("window", "rows") for i in _refs((n.step.args, n.step.kwargs))]
+    todo = [i for n in nodes if n.kind in ("window", "rows") for i in step_refs(n.step)]
     while todo:
         i = todo.pop()
         if nodes[i].kind == "const" and i not in consts:
             consts.add(i)
-            todo.extend(_refs((nodes[i].step.args, nodes[i].step.kwargs)))
+            todo.extend(step_refs(nodes[i].step))
     return Program(net, nodes, first.index, height, width, last_reader, tuple(sorted(consts)))
 
 
@@ -192,7 +164,7 @@ def _needed(steps: list, output: int) -> set[int]:
         index = todo.pop()
         if index not in needed:
             needed.add(index)
-            todo.extend(_refs((steps[index].args, steps[index].kwargs)))
+            todo.extend(step_refs(steps[index]))
     return needed
 
 
@@ -210,7 +182,7 @@ def _classify(net: nn.Module, index: int, step: Any, args: tuple, kwargs: dict, 
     op = _op_of(net, step)
     if op is None:
         raise NotStreamable(f"step '{name}' is not an operation convify knows")
-    refs = _refs((step.args, step.kwargs))
+    refs = step_refs(step)
     sources = tuple(dict.fromkeys(i for i in refs if i in image))
     height = _height_of(value, name)
     if op.window:

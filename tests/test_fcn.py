@@ -191,6 +191,18 @@ def test_round_trip_keeps_outputs_meta_rewrites_and_check(tmp_path: Path, name: 
         torch.testing.assert_close(loaded_state[key], state[key], rtol=0, atol=0)
 
 
+def test_the_default_model_saves_and_loads(tmp_path: Path) -> None:
+    """Its graph makes and frees many small tensors: the loader's dry run once took a new result for a freed
+    weight (same storage key) and refused the file as one that writes into its weights."""
+    from convify.models import default_network
+
+    fcn = default_network()
+    loaded = convify.load(fcn.save(tmp_path / "default.fcn.pt"))
+    x = _image(256, 300)
+    for _ in range(3):  # each shape's dry run, and the runs after it
+        torch.testing.assert_close(_run(loaded, x), _run(fcn, x), rtol=0, atol=0)
+
+
 def test_loaded_geometry_equals_the_converted_geometry(tmp_path: Path, small_fcn: convify.FullyConvNet) -> None:
     loaded = convify.load(small_fcn.save(tmp_path / "net.convify"))
     assert loaded.geometry == small_fcn.geometry
