@@ -58,9 +58,15 @@ class LargeResult:
     streamed: bool = False
 
 
-def _reader(fcn: FullyConvNet, source: Any, pads: Sequence[int], mode: str) -> Any:
-    """Crop reader for the tiler: ``(x0, y0, x1, y1)`` in padded pixels -> ``(1, 3, h, w)`` normalised input."""
-    from .sources import padded
+def _reader(fcn: FullyConvNet, source: Any, pads: Sequence[int], mode: str, ahead: bool = False) -> Any:
+    """Crop reader for the tiler: ``(x0, y0, x1, y1)`` in padded pixels -> ``(1, 3, h, w)`` normalised input.
+
+    ``ahead``: the reads are a streamed band's strips: serve them from taller reads (:func:`read_ahead`).
+    """
+    from .sources import padded, read_ahead
+
+    if ahead:
+        source = read_ahead(source)
 
     mean = torch.tensor(fcn.meta.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(fcn.meta.std, dtype=torch.float32)[:, None, None]
@@ -158,7 +164,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         store_path = out_dir / f"{stem}.zarr"
         with MapWriter(store_path, map_size=plan.map_size, num_classes=num_classes, classes=classes, keep=kept,
                        top_k=top_k, all_classes=all_classes, attrs=attrs, force=force, inputs=[image]) as writer:
-            for r0, c0, block in iter_tiles(fcn, _reader(fcn, source, pads, pad or "none"), plan):
+            for r0, c0, block in iter_tiles(fcn, _reader(fcn, source, pads, pad or "none", bool(plan.strip)), plan):
                 writer.write(r0, c0, block)
         store = open_map(store_path)
         best = store.class_max()

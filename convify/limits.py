@@ -47,6 +47,12 @@ MAX_GRID_PANELS = 16
 # Default memory budget for one forward pass's tensors (``max_memory=``, ``--max-memory``): larger images
 # are cut into exact tiles that fit it (see convify.tiling).
 DEFAULT_MAX_MEMORY = 2 * 1024 ** 3
+# A streamed image (convify.stream) is read in strips of a few dozen rows; a tiled TIFF decodes whole tiles
+# (typically 256-1024 rows), so each strip would decode its tile row again. Reads are made this many rows
+# tall at least (within READ_AHEAD_BYTES of decoded pixels) and the strips served from them: every tile is
+# decoded once per band.
+READ_AHEAD_ROWS = 512
+READ_AHEAD_BYTES = 64 * 1024 ** 2
 # Pixels at full resolution of an image read region by region (a TIFF or a whole-slide image, see
 # convify.sources): nothing is decoded whole, but the tiler's plans and maps grow with it. The largest slides
 # scanned today are about 200,000 x 100,000 px (2e10); a 300k x 300k one is 9e10.

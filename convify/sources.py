@@ -43,6 +43,7 @@ from . import limits
 from .errors import ConvifyError, ImageError, LimitError
 
 __all__ = ["RegionSource", "ArraySource", "TiffSource", "SlideSource", "open_source", "padded", "thumbnail",
+           "read_ahead",
            "SLIDE_EXTENSIONS"]
 
 # Files OpenSlide reads and tifffile does not read as one image (MIRAX and VMS are several files).
@@ -597,6 +598,49 @@ class _Padded(_Closing):
     def close(self) -> None:
         """Close the underlying source."""
         self.source.close()
+
+
+class _ReadAhead(_Closing):
+    """``source`` read in blocks of whole rows; see :func:`read_ahead`."""
+
+    def __init__(self, source: RegionSource, rows: int, max_bytes: int) -> None:
+        self.source, self.rows, self.max_bytes = source, rows, max_bytes
+        self.width, self.height = source.width, source.height
+        self.downsample = getattr(source, "downsample", 1.0)
+        self._block: Optional[tuple[int, int, int, int, np.ndarray]] = None  # x0, x1, y0, y1, pixels
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """``(y1 - y0, x1 - x0, 3)`` uint8, from the block held when it has these rows and columns."""
+        _check_rect(self, x0, y0, x1, y1)
+        held = self._block
+        if held is None or (held[0], held[1]) != (x0, x1) or not held[2] <= y0 < y1 <= held[3]:
+            rows = max(y1 - y0, min(self.rows, self.max_bytes // max(1, 3 * (x1 - x0))))
+            end = min(self.height, y0 + rows)
+            self._block = None  # the old block is freed before the new one is read
+            held = self._block = (x0, x1, y0, end, self.source.read(x0, y0, x1, end))
+        return held[4][y0 - held[2]: y1 - held[2]]
+
+    def _coarser(self, width: int, height: int) -> RegionSource:
+        return self
+
+    def close(self) -> None:
+        """Close the underlying source."""
+        self._block = None
+        self.source.close()
+
+
+def read_ahead(source: RegionSource, rows: Optional[int] = None, max_bytes: Optional[int] = None) -> RegionSource:
+    """A view of ``source`` that serves consecutive strips of rows from one taller read.
+
+    A read that the block held does not cover reads ``rows`` rows (default
+    :data:`~convify.limits.READ_AHEAD_ROWS`) from its top (fewer at the image's
+    bottom, or when ``rows`` rows of its width would exceed ``max_bytes`` of decoded pixels, default
+    :data:`~convify.limits.READ_AHEAD_BYTES`; more when the
+    read itself is taller). Streaming reads strips a few dozen rows tall; a tiled TIFF decodes whole tiles
+    hundreds of rows tall, which this decodes once instead of once per strip.
+    """
+    return _ReadAhead(source, limits.READ_AHEAD_ROWS if rows is None else rows,
+                      limits.READ_AHEAD_BYTES if max_bytes is None else max_bytes)
 
 
 def padded(source: RegionSource, left: int, top: int, right: int, bottom: int,

@@ -294,7 +294,8 @@ def plan_tiles(fcn: FullyConvNet, height: int, width: int, max_memory: int = lim
         raise LimitError(f"the memory budget of {max_memory / 2 ** 30:.2f} GB does not fit even one cell's "
                          f"crop ({g.receptive_field} px, about {least / 2 ** 30:.2f} GB); raise --max-memory")
     pixels = max_memory / per_pixel  # input pixels one pass may hold
-    if stream and stream_refusal(fcn) is None and height * width > 2 * STRIP_PIXELS:
+    whole_fits = _fits(fcn, height, width, max_memory)
+    if stream and stream_refusal(fcn) is None and (height * width > 2 * STRIP_PIXELS or not whole_fits):
         least_rows = MIN_STRIP_STRIDES * g.stride
         slack = least_rows  # rows the layers keep between strips, and the cut rows they recompute
         if width * (least_rows + slack) <= pixels:  # whole rows fit: no band, nothing recomputed
@@ -304,7 +305,7 @@ def plan_tiles(fcn: FullyConvNet, height: int, width: int, max_memory: int = lim
         cells = int((band - g.stride - g.receptive_field) // g.stride) + 1
         if cells >= 1:
             return _stream_plan(g, height, width, map_size, least_rows, cells)
-    if _fits(fcn, height, width, max_memory):
+    if whole_fits:
         return _crops(g, height, width, map_size, max(map_size))
     side = math.sqrt(pixels) - g.stride  # a crop may start up to a stride early
     return _crops(g, height, width, map_size, max(1, int((side - g.receptive_field) // g.stride) + 1))

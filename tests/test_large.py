@@ -81,9 +81,40 @@ def test_streamed_map_equals_the_in_memory_heatmap(tmp_path: Path, small: convif
     assert max(Image.open(tmp_path / pngs[0]).size) <= 4096
 
 
-def test_only_crop_regions_are_read(tmp_path: Path, small: convify.FullyConvNet, picture: tuple[np.ndarray, Path],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """No read larger than a crop: the image is never decoded whole (the thumbnail reads in blocks too)."""
+def test_only_strips_of_a_band_are_read(tmp_path: Path, small: convify.FullyConvNet, picture: tuple[np.ndarray, Path],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No read taller than a strip or the read-ahead, nor wider than a band: the image is never decoded whole;
+    and consecutive strips are served from one read (each row of a band decoded once, edges aside)."""
+    from convify import limits
+
+    _, path = picture
+    reads: list[tuple[int, int, int, int]] = []
+    original = sources.TiffSource.read
+
+    def counting(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        reads.append((x0, y0, x1, y1))
+        return original(self, x0, y0, x1, y1)
+
+    monkeypatch.setattr(sources.TiffSource, "read", counting)
+    monkeypatch.setattr(limits, "READ_AHEAD_ROWS", 100)
+    budget = 700_000
+    result = large_heatmap(path, tmp_path, small, max_memory=budget, formats=("json",))
+    pad = json.loads((tmp_path / "big.json").read_text())["pad"]
+    plan = plan_tiles(small, 301 + pad[1] + pad[3], 389 + pad[0] + pad[2], max_memory=budget)
+    assert plan.strip and result.streamed and result.passes == plan.count
+    tallest = max(plan.strip, 100)
+    band = max(c[1][1] - c[1][0] for c in plan.cols)
+    assert max(y1 - y0 for _, y0, _, y1 in reads) <= tallest and max(x1 - x0 for x0, _, x1, _ in reads) <= band
+    assert max((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in reads) < 301 * 389 / 2
+    # one read per 100 rows of a band (one more where the reflected top edge is read first), not one per strip
+    assert len(reads) <= len(plan.cols) * (-(-plan.rows[0][1][1] // tallest) + 1) < plan.count
+
+
+def test_crops_read_only_their_regions(tmp_path: Path, small: convify.FullyConvNet,
+                                       picture: tuple[np.ndarray, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network whose graph does not stream is cut into crops, each read alone, none of them the whole image."""
+    from convify import tiling
+
     _, path = picture
     areas: list[int] = []
     original = sources.TiffSource.read
@@ -93,12 +124,14 @@ def test_only_crop_regions_are_read(tmp_path: Path, small: convify.FullyConvNet,
         return original(self, x0, y0, x1, y1)
 
     monkeypatch.setattr(sources.TiffSource, "read", counting)
+    monkeypatch.setattr(tiling, "stream_refusal", lambda fcn: "as if it had a permute")
     budget = 700_000
     result = large_heatmap(path, tmp_path, small, max_memory=budget, formats=("json",))
-    plan = plan_tiles(small, 301 + sum(json.loads((tmp_path / "big.json").read_text())["pad"][1::2]),
-                      389 + sum(json.loads((tmp_path / "big.json").read_text())["pad"][0::2]), max_memory=budget)
+    pad = json.loads((tmp_path / "big.json").read_text())["pad"]
+    plan = plan_tiles(small, 301 + pad[1] + pad[3], 389 + pad[0] + pad[2], max_memory=budget)
     largest = max((r[1][1] - r[1][0]) * (c[1][1] - c[1][0]) for r in plan.rows for c in plan.cols)
-    assert len(areas) == result.crops == plan.count
+    assert not plan.strip and not result.streamed
+    assert len(areas) == result.passes == plan.count
     assert max(areas) <= largest < 301 * 389 / 2
 
 
@@ -112,7 +145,7 @@ def test_the_command_line_streams_big_images_and_says_so(tmp_path: Path, small: 
             "--max-memory", "1M", "-o", str(tmp_path / "out")]
     done = runner.invoke(cli, args)
     assert done.exit_code == 0, done.output
-    assert "crops):" in done.output and "out/big.zarr" in done.output
+    assert "strips):" in done.output and "out/big.zarr" in done.output
     assert (tmp_path / "out" / "big.zarr").is_dir() and (tmp_path / "out" / "big.json").is_file()
     again = runner.invoke(cli, args)
     assert again.exit_code == 1 and "already exists; use --force" in again.output

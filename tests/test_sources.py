@@ -15,7 +15,7 @@ from PIL import Image
 
 from convify import limits
 from convify.errors import ConvifyError, ImageError, LimitError
-from convify.sources import ArraySource, SlideSource, TiffSource, open_source, padded, thumbnail
+from convify.sources import ArraySource, SlideSource, TiffSource, open_source, padded, read_ahead, thumbnail
 
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("zarr")
@@ -452,3 +452,27 @@ def test_fuzzed_tiffs_raise_only_convify_errors(tmp_path_factory, which, edits, 
         _open_and_read(path)
     except ConvifyError as e:
         assert isinstance(e, (ImageError, LimitError)) and "\n" not in str(e)
+
+
+def test_read_ahead_serves_any_read_as_the_source_does() -> None:
+    """Consecutive strips come from one taller read; any other read (another band, rows above, the bottom)
+    still gives exactly the source's pixels, and the block held never exceeds its byte bound."""
+    pixels = np.random.default_rng(3).integers(0, 256, (97, 61, 3), dtype=np.uint8)
+    calls: list[tuple[int, int, int, int]] = []
+
+    class Counting(ArraySource):
+        def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+            calls.append((x0, y0, x1, y1))
+            return super().read(x0, y0, x1, y1)
+
+    view = read_ahead(Counting(pixels), rows=30, max_bytes=3 * 61 * 20)
+    for y in range(0, 97, 7):  # full-width strips: 20 rows a read (the byte bound), not 30
+        np.testing.assert_array_equal(view.read(0, y, 61, min(97, y + 7)), pixels[y:y + 7])
+    assert all(y1 - y0 <= 20 for _, y0, _, y1 in calls) and len(calls) < len(range(0, 97, 7))
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        x0, y0 = int(rng.integers(0, 60)), int(rng.integers(0, 96))
+        x1, y1 = int(rng.integers(x0 + 1, 62)), int(rng.integers(y0 + 1, 98))
+        np.testing.assert_array_equal(view.read(x0, y0, x1, y1), pixels[y0:y1, x0:x1])
+    with pytest.raises(ValueError, match="outside"):
+        view.read(0, 90, 61, 98)  # past the bottom: refused as the source refuses it
