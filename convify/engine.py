@@ -35,6 +35,7 @@ import os
 import re
 import stat
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Optional, Sequence, Union
@@ -490,7 +491,24 @@ def resolve_class(classes: Sequence[str], query: Union[str, int]) -> int:
 # Running
 
 
-def _as_network(model: ModelLike) -> FullyConvNet:
+_FINER: "weakref.WeakKeyDictionary[FullyConvNet, dict[int, FullyConvNet]]" = weakref.WeakKeyDictionary()
+
+
+def _as_network(model: ModelLike, stride: Optional[int] = None) -> FullyConvNet:
+    """The network a model argument names, at ``stride`` (None: its own; see :func:`convify.finer.finer_stride`,
+    made once per network and stride)."""
+    fcn = _named_network(model)
+    if stride is None or stride == fcn.geometry.stride:
+        return fcn
+    from .finer import finer_stride
+
+    made = _FINER.setdefault(fcn, {})
+    if stride not in made:
+        made[stride] = finer_stride(fcn, stride)
+    return made[stride]
+
+
+def _named_network(model: ModelLike) -> FullyConvNet:
     if model is None:
         from .models import default_network
 
@@ -506,7 +524,7 @@ def _as_network(model: ModelLike) -> FullyConvNet:
 @torch.inference_mode()
 def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto",
             max_pixels: int = limits.MAX_PIXELS, max_memory: int = limits.DEFAULT_MAX_MEMORY,
-            pad: Optional[str] = "reflect") -> HeatmapResult:
+            pad: Optional[str] = "reflect", stride: Optional[int] = None) -> HeatmapResult:
     """Class score maps for one image, from one forward pass (or exact tiles of one, see below).
 
     Args:
@@ -523,6 +541,9 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
             edges and the map covers all of it (:meth:`Geometry.cover_padding`); ``"zeros"`` pads with the
             network's own padding value (0 after normalisation: the mean colour). ``"none"`` (or None) keeps
             every window inside the image, leaving a border band no cell is centred on.
+        stride: a finer output stride than the network's (16 or 8 for a stride-32 network): cells that many
+            pixels apart, exactly (:func:`convify.finer.finer_stride`); the layers after the removed
+            subsampling then cost ``(network stride / stride) ** 2`` times as much.
 
     Returns:
         A :class:`HeatmapResult` with ``(C, H', W')`` logits and boxes in the original image's pixels.
@@ -540,7 +561,7 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     """
     if pad not in PAD_MODES:
         raise ConvifyError(f"pad must be one of {', '.join(str(m) for m in PAD_MODES)}; got {pad!r}")
-    fcn = _as_network(model)
+    fcn = _as_network(model, stride)
     picture = load_image(image)
     meta, geometry = fcn.meta, fcn.geometry
     (width, height), capped = _target_size(picture.width, picture.height, size, geometry.window, max_pixels)

@@ -488,7 +488,7 @@ def window_of(name: str, module: Optional[torch.nn.Module], args: tuple, kwargs:
             p = (0, 0) if p == "valid" else pair(p)
             pads = [(p[0], p[0]), (p[1], p[1])]
         return tuple((k[a], s[a], pads[a][0], pads[a][1], d[a], 0) for a in (0, 1))
-    if name in ("max_pool2d", "avg_pool2d"):
+    if name in ("max_pool2d", "avg_pool2d", "dilated_avg_pool2d"):
         if module is not None:
             k, s, p = module.kernel_size, module.stride, module.padding
             d = getattr(module, "dilation", 1)

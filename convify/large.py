@@ -99,7 +99,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
                   queries: Sequence[Union[str, int]] = (), top_k: int = 5, all_classes: bool = False,
                   max_memory: int = limits.DEFAULT_MAX_MEMORY, overlay_side: int = DEFAULT_OVERLAY_SIDE,
                   formats: Sequence[str] = ("png", "json"), force: bool = False,
-                  stem: Optional[str] = None) -> LargeResult:
+                  stem: Optional[str] = None, stride: Optional[int] = None) -> LargeResult:
     """Class maps of an image of any size, in bounded memory, streamed to ``output/STEM.zarr``.
 
     Args:
@@ -118,6 +118,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         formats: ``png`` (overlays) and ``json`` (summary) besides the store, which is always written.
         force: replace existing outputs (never an input).
         stem: the outputs' name stem (default: the image's).
+        stride: a finer output stride (see :func:`convify.engine.heatmap`).
 
     Returns:
         A :class:`LargeResult`.
@@ -137,7 +138,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
     if unknown:
         raise ConvifyError(f"unknown format(s) {', '.join(sorted(unknown))}; a large image writes png and json "
                            "besides its map store")
-    fcn = _as_network(model)
+    fcn = _as_network(model, stride)
     g = fcn.geometry
     out_dir = Path(output)
     stem = stem or Path(image).stem

@@ -1,0 +1,223 @@
+"""Finer output strides: the stride-32 map at every other cell, and between them the classifier at shifted windows.
+
+The references are independent of the code under test: the original (coarse) network's own map, and the
+original network run on the image shifted by the finer stride (equal on cells whose receptive field lies
+inside both images, where neither sees padding the other does not).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import convify
+from convify import ConversionError, ConvifyError
+from convify.finer import finer_cost, finer_stride
+from convify.tiling import tiled_map
+
+NUM_CLASSES = 5
+
+
+class PaddedNet(nn.Module):
+    """Padded convolutions and max pools, stride 8: the shape of VGG, small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8 * 3 * 3, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.body(x), 1))
+
+
+class AvgInside(nn.Module):
+    """An average pool *is* a removed subsampling (padded, padding not counted) and another one comes after it,
+    dilated; a residual branch subsamples with a strided 1x1 convolution beside a strided 3x3 one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.a = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(8, 8, 1, stride=2)
+        self.smooth = nn.AvgPool2d(3, stride=1, padding=1)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.stem(x)))
+        x = F.relu(self.a(x)) + self.skip(x)
+        return self.fc(self.smooth(x).mean((2, 3)))
+
+
+class CeilAtTheEnd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(F.relu(self.conv(x))).mean((2, 3)))
+
+
+class Squeeze(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.gate = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = x * torch.sigmoid(self.gate(x.mean([2, 3])))[:, :, None, None]
+        return self.fc(x.mean([2, 3]))
+
+
+def _run(fcn: convify.FullyConvNet, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        out = fcn(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_against_shifted_inputs(coarse: convify.FullyConvNet, fine: convify.FullyConvNet, x: torch.Tensor) -> int:
+    """Compare every cell of the fine map with the coarse network on the input shifted by its phase.
+
+    Cell ``(r * i + a, r * j + b)`` of the fine map is the classifier at the window shifted by ``(a, b)``
+    fine strides: the coarse network's cell ``(i, j)`` on ``x[..., a * s:, b * s:]``. Cells whose receptive
+    field leaves the shifted image are skipped (the shifted image pads where the whole one has pixels).
+    Returns the number of cells compared.
+    """
+    g, s = coarse.geometry, fine.geometry.stride
+    r = g.stride // s
+    whole = _run(fine, x)
+    compared = 0
+    for a in range(r):
+        for b in range(r):
+            shifted = x[:, :, a * s:, b * s:]
+            ref = _run(coarse, shifted)
+            height, width = shifted.shape[2:]
+            for i in range(ref.shape[2]):
+                for j in range(ref.shape[3]):
+                    x0, y0, x1, y1 = g.rf_box(i, j)
+                    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                        continue
+                    torch.testing.assert_close(whole[:, :, r * i + a, r * j + b], ref[:, :, i, j],
+                                               rtol=1e-4, atol=1e-5)
+                    compared += 1
+    return compared
+
+
+def _small(model: nn.Module, size: int) -> convify.FullyConvNet:
+    torch.manual_seed(0)
+    return convify.convert(model.eval(), size)
+
+
+@pytest.mark.parametrize("model, size", [(PaddedNet(), 24), (AvgInside(), 32)], ids=["padded", "avg-pools"])
+@pytest.mark.parametrize("shape", [(97, 83), (64, 130)])
+def test_every_cell_is_the_classifier_at_its_shifted_window(model: nn.Module, size: int,
+                                                            shape: tuple[int, int]) -> None:
+    coarse = _small(model, size)
+    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(1))
+    for stride in (coarse.geometry.stride // 2, coarse.geometry.stride // 4):
+        fine = finer_stride(coarse, stride)
+        r = coarse.geometry.stride // stride
+        assert fine.geometry.stride == stride and finer_cost(coarse, stride) == r * r
+        out = _run(fine, x)
+        assert tuple(out.shape[2:]) == fine.output_size(*shape)
+        torch.testing.assert_close(out[:, :, ::r, ::r], _run(coarse, x), rtol=1e-4, atol=1e-5)
+        assert _check_against_shifted_inputs(coarse, fine, x) >= 8
+
+
+@pytest.mark.parametrize("name, stride", [("vgg16", 16), ("resnet50", 16), ("vgg16", 8)])
+def test_zoo_networks_at_finer_strides(name: str, stride: int) -> None:
+    torch.manual_seed(0)
+    coarse = convify.convert(torchvision.models.get_model(name, num_classes=NUM_CLASSES).eval(), 224, check=False)
+    fine = finer_stride(coarse, stride)
+    r = 32 // stride
+    x = torch.randn(1, 3, 288, 320, generator=torch.Generator().manual_seed(2))
+    out = _run(fine, x)
+    assert tuple(out.shape[2:]) == fine.output_size(288, 320)
+    torch.testing.assert_close(out[:, :, ::r, ::r], _run(coarse, x), rtol=1e-4, atol=1e-4)
+    # the cells between: the coarse network on the image shifted by the finer stride, where that one's
+    # receptive field is all image (VGG16: 404 px; a 500 px image has a few such cells)
+    if name == "vgg16" and stride == 16:
+        big = torch.randn(1, 3, 500, 500, generator=torch.Generator().manual_seed(3))
+        assert _check_against_shifted_inputs(coarse, fine, big) >= 4
+
+
+def test_geometry_of_the_finer_map() -> None:
+    coarse = _small(PaddedNet(), 24)
+    fine = finer_stride(coarse, 4)
+    g, f = coarse.geometry, fine.geometry
+    assert (f.window, f.offset, f.receptive_field, f.rf_offset) == (g.window, g.offset, g.receptive_field, g.rf_offset)
+    assert f.cell_box(2, 4) == g.cell_box(1, 2) and f.cell_box(1, 1)[:2] == (g.offset + 4, g.offset + 4)
+    for shape in [(24, 24), (25, 31), (40, 57), (101, 64)]:
+        x = torch.zeros(1, 3, *shape)
+        assert tuple(_run(fine, x).shape[2:]) == f.output_size(*shape)
+
+
+def test_finer_networks_save_load_and_stream(tmp_path: Path) -> None:
+    coarse = _small(AvgInside(), 32)
+    fine = finer_stride(coarse, 4)
+    loaded = convify.load(fine.save(tmp_path / "fine.fcn.pt"))
+    assert loaded.geometry == fine.geometry
+    x = torch.randn(1, 3, 90, 77, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_run(loaded, x), _run(fine, x), rtol=0, atol=0)
+    # a loaded network refines too, to the same network
+    again = finer_stride(convify.load(coarse.save(tmp_path / "coarse.fcn.pt")), 4)
+    torch.testing.assert_close(_run(again, x), _run(fine, x), rtol=0, atol=0)
+    # and a finer network streams exactly, dilated average pools included
+    torch.testing.assert_close(tiled_map(fine, x, strip=3, band_cells=4), _run(fine, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_what_cannot_be_made_finer_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConversionError, match="see the whole map"):
+        finer_stride(_small(Squeeze(), 32), 1)
+    with pytest.raises(ConversionError, match="'pool' is a ceil-mode pool"):
+        finer_stride(_small(CeilAtTheEnd(), 32), 2)
+    coarse = _small(PaddedNet(), 24)
+    for bad in (3, 16, 0, 6):
+        with pytest.raises(ConvifyError, match="divided by a power of 2"):
+            finer_stride(coarse, bad)
+    assert finer_stride(coarse, 8) is coarse
+
+
+def test_heatmap_and_the_command_line_take_a_stride(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from convify.cli import cli
+
+    coarse = _small(PaddedNet(), 24)
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 256, (70, 90, 3), dtype=np.uint8), "RGB")
+    a = convify.heatmap(picture, coarse, size=None, pad="none")
+    b = convify.heatmap(picture, coarse, size=None, pad="none", stride=4)
+    assert b.geometry.stride == 4 and tuple(b.logits.shape[1:]) == b.geometry.output_size(70, 90)
+    torch.testing.assert_close(b.logits[:, ::2, ::2], a.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.boxes[::2, ::2], a.boxes)  # the same windows, in image pixels
+    torch.testing.assert_close(b.boxes[1, 1] - b.boxes[0, 0], torch.tensor([4.0, 4.0, 4.0, 4.0], dtype=b.boxes.dtype))
+
+    model = coarse.save(tmp_path / "net.fcn.pt")
+    picture.save(tmp_path / "a.png")
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["heatmap", str(tmp_path / "a.png"), "--model", str(model), "--size", "none",
+                             "--pad", "none", "--stride", "2", "-o", str(tmp_path), "--format", "json"])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads((tmp_path / "a.json").read_text())
+    assert summary["geometry"]["stride"] == 2 and summary["map_size"] == list(
+        finer_stride(coarse, 2).output_size(70, 90))
+    bad = runner.invoke(cli, ["heatmap", str(tmp_path / "a.png"), "--model", str(model), "--stride", "3",
+                              "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "divided by a power of 2" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
