@@ -12,8 +12,9 @@ The cost is said up front (:func:`finer_cost`): every layer after the first remo
 
 Exactness: :func:`finer_stride` runs the finer network and checks that its cells at every
 ``(stride_old / stride)``-th position equal the original map, and that its map size is what the geometry
-says. Average pools after the removed stride become :class:`~convify.layers.DilatedAvgPool2d` (PyTorch's
-has no dilation). Networks with global context (squeeze-and-excitation) are refused: their pools would
+says. Average pools after the removed stride, and a ceil-mode pool whose subsampling is removed, become
+:class:`~convify.layers.FinerPool2d` (PyTorch's average pool has no dilation; the ceil-mode pool keeps the
+window that hung over the map's end). Networks with global context (squeeze-and-excitation) are refused: their pools would
 average over the finer map and change every cell.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 from .errors import ConversionError, ConvifyError
 from .fcn import FullyConvNet, Rewrite
 from .geometry import Geometry, window_of
-from .layers import DilatedAvgPool2d, PointwiseConv2d
+from .layers import FinerPool2d, PointwiseConv2d
 from .serialize import _module_spec, fake_run, graph_from_data, graph_to_data, step_refs, substitute
 
 __all__ = ["finer_stride", "finer_cost"]
@@ -48,10 +49,12 @@ def _check_stride(fcn: FullyConvNet, stride: int) -> None:
 
 
 def _axis(jump: int, k: int, s: int, before: int, after: int, d: int, ceil: int, target: int,
-          where: str) -> tuple[int, int, int, int, int]:
-    """One axis of one windowed layer at the finer stride: ``(kernel, stride, pad_before, pad_after, dilation)``.
+          where: str) -> tuple[int, int, int, int, int, int]:
+    """One axis of one windowed layer at the finer stride:
+    ``(kernel, stride, pad_before, pad_after, dilation, ceil_stride)``.
 
     ``jump``: the layer's input stride in the original network (pixels between its input positions).
+    ``ceil_stride``: the ceil-mode subsampling the layer keeps the overhanging window of (0: none).
     """
     fine_in = min(jump, target)
     fine_out = min(jump * s, target)
@@ -59,10 +62,11 @@ def _axis(jump: int, k: int, s: int, before: int, after: int, d: int, ceil: int,
         raise ConversionError(f"'{where}' subsamples by {s} at stride {jump}; convify cannot make the stride "
                               f"{target} from it")
     m, s2 = jump // fine_in, fine_out // fine_in
-    if ceil and s2 != s:
-        raise ConversionError(f"'{where}' is a ceil-mode pool whose subsampling the stride {target} removes; "
-                              "convify cannot place its overhanging window yet")
-    return k, s2, before * m, after * m, d * m if k > 1 else d  # a 1-tap window has no spread to dilate
+    if ceil and s2 != s and m > 1:
+        raise ConversionError(f"'{where}' is a ceil-mode pool past the first subsampling the stride {target} "
+                              "removes; convify cannot place its overhanging window on the finer map")
+    return (k, s2, before * m, after * m, d * m if k > 1 else d,  # a 1-tap window has no spread to dilate
+            s if ceil and s2 != s else 0)
 
 
 def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
@@ -117,7 +121,7 @@ def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
             continue
         new = tuple(_axis(jump, *axis, target=stride, where=step.name) for axis in params)
         jumps[index] = jump * params[0][1]
-        if all(n == p[:5] for n, p in zip(new, params)):
+        if all(n[:5] == p[:5] and not n[5] for n, p in zip(new, params)):
             continue
         if step.kind != "call_module":
             raise ConversionError(f"'{step.name}' is a windowed function call; a finer stride needs it as a layer "
@@ -158,7 +162,7 @@ def _brief(params: tuple) -> str:
 
 def _dilated(module: nn.Module, new: tuple, path: str) -> nn.Module:
     """A copy of a windowed layer with the finer stride's per-axis ``(kernel, stride, before, after, dilation)``."""
-    (_, sh, ph, ah, dh), (_, sw, pw, aw, dw) = new  # height, width
+    (_, sh, ph, ah, dh, ch), (_, sw, pw, aw, dw, cw) = new  # height, width
     if isinstance(module, PointwiseConv2d):
         raise ConversionError(f"'{path}' is a 1x1 layer that subsamples; convify cannot make it finer")
     changed = copy.copy(module)  # shares the weights; the attributes set below are its own
@@ -176,15 +180,18 @@ def _dilated(module: nn.Module, new: tuple, path: str) -> nn.Module:
             changed.padding = (ph, pw)
         changed._reversed_padding_repeated_twice = [pw, pw, ph, ph]
         return changed
-    if isinstance(module, nn.MaxPool2d):
-        changed.stride, changed.padding, changed.dilation = (sh, sw), (ph, pw), (dh, dw)
+    if isinstance(module, nn.MaxPool2d) and not (ch or cw) and (dh, dw) == (1, 1):
+        changed.stride, changed.padding, changed.dilation, changed.ceil_mode = (sh, sw), (ph, pw), (dh, dw), False
         return changed
-    if isinstance(module, (nn.AvgPool2d, DilatedAvgPool2d)):
-        if (dh, dw) == (1, 1) and isinstance(module, nn.AvgPool2d):
-            changed.stride, changed.padding = (sh, sw), (ph, pw)
-            return changed
-        return DilatedAvgPool2d(module.kernel_size, (sh, sw), (ph, pw), (dh, dw), module.count_include_pad,
-                                module.divisor_override)
+    if isinstance(module, nn.AvgPool2d) and not (ch or cw) and (dh, dw) == (1, 1):
+        changed.stride, changed.padding, changed.ceil_mode = (sh, sw), (ph, pw), False
+        return changed
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, FinerPool2d)):  # dilated, or keeping an overhang
+        mode = module.mode if isinstance(module, FinerPool2d) else "max" if isinstance(module, nn.MaxPool2d) else "avg"
+        if isinstance(module, nn.MaxPool2d) and getattr(module, "return_indices", False):
+            raise ConversionError(f"'{path}' returns indices; convify cannot dilate it")
+        return FinerPool2d(mode, module.kernel_size, (sh, sw), (ph, pw), (dh, dw), (ch, cw),
+                           getattr(module, "count_include_pad", True), getattr(module, "divisor_override", None))
     raise ConversionError(f"'{path}' ({type(module).__name__}) is a window convify cannot dilate")
 
 
@@ -206,8 +213,13 @@ def _finer_geometry(g: Geometry, stride: int) -> Geometry:
                 + (int(layer["ceil_mode"]),) for a in (0, 1)]
         new = [_axis(jump, *axis, target=stride, where=f"geometry layer {index}") for axis in axes]
         jumps.append(jump * layer["stride"][0])
-        layers.append({**layer, **{key: (new[0][i], new[1][i]) for i, key in
-                                   enumerate(("kernel", "stride", "pad_before", "pad_after", "dilation"))}})
+        keys = ("kernel", "stride", "pad_before", "pad_after", "dilation", "ceil_stride")
+        changed = {**layer, **{key: (new[0][i], new[1][i]) for i, key in enumerate(keys)}}
+        if new[0][5] or new[1][5]:
+            changed["ceil_mode"] = False  # the layer pads its overhang itself (FinerPool2d)
+        elif "ceil_stride" not in layer:
+            del changed["ceil_stride"]
+        layers.append(changed)
     return Geometry(stride=stride, window=g.window, offset=g.offset, receptive_field=g.receptive_field,
                     rf_offset=g.rf_offset, local=g.local, global_context=g.global_context, padded=g.padded,
                     layers=tuple(layers))
@@ -222,7 +234,12 @@ def _check(coarse: FullyConvNet, finer: FullyConvNet) -> None:
     if param is not None:
         x = x.to(param.dtype)
     with torch.inference_mode():
-        a, b = coarse(x), finer(x)
+        a = coarse(x)
+        try:
+            b = finer(x)
+        except Exception as e:  # noqa: BLE001 - a layer refusing its new arguments; say which
+            raise ConversionError(f"the stride-{finer.geometry.stride} network fails: {str(e).splitlines()[0][:200]}"
+                                  ) from None
     a = a[0] if isinstance(a, (tuple, list)) else a
     b = b[0] if isinstance(b, (tuple, list)) else b
     if tuple(b.shape[2:]) != finer.geometry.output_size(*x.shape[2:]):

@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from . import limits
 from .errors import ConversionError, ConvifyError
+from .layers import overhang
 from .ops import op_for, op_name
 from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
 
@@ -191,9 +192,10 @@ class Geometry:
                 continue
             size = inputs[0]
             if layer["op"] == "window":
-                size = _window_out(size, *(layer[key][axis] for key in ("kernel", "stride", "pad_before",
-                                                                           "pad_after", "dilation")),
-                                   layer["ceil_mode"])
+                k, s, before, after, d = (layer[key][axis] for key in _WINDOW_KEYS)
+                ceil_stride = layer.get("ceil_stride", (0, 0))[axis]
+                extra = overhang(size, k, before, d, ceil_stride) if ceil_stride else 0
+                size = _window_out(size + extra, k, s, before, after, d, layer["ceil_mode"])
             sizes.append(size)
         return max(sizes[-1], 0) if sizes else n
 
@@ -257,6 +259,8 @@ def _layer(layer: Any, index: int, big: int) -> dict:
     if not isinstance(layer, dict) or layer.get("op") not in ("input", "window", "same"):
         raise ValueError(f"{where} must have an op of input, window or same")
     keys = {"op", "inputs"} | (set(_WINDOW_KEYS) | {"ceil_mode"} if layer["op"] == "window" else set())
+    if layer.get("op") == "window" and "ceil_stride" in layer:  # a finer stride's pool (convify.finer)
+        keys.add("ceil_stride")
     inputs = layer.get("inputs")
     if set(layer) != keys or not isinstance(inputs, (list, tuple)) or (layer["op"] == "input") != (index == 0) \
             or (index > 0 and not inputs) or not all(isinstance(i, int) and not isinstance(i, bool)
@@ -264,9 +268,9 @@ def _layer(layer: Any, index: int, big: int) -> dict:
         raise ValueError(f"{where} must name its inputs among the layers before it")
     checked: dict[str, Any] = {"op": layer["op"], "inputs": tuple(inputs)}
     if layer["op"] == "window":
-        for key in _WINDOW_KEYS:
+        for key in _WINDOW_KEYS + (("ceil_stride",) if "ceil_stride" in layer else ()):
             pair_ = layer[key]
-            lo = 0 if key.startswith("pad") else 1
+            lo = 0 if key.startswith("pad") or key == "ceil_stride" else 1
             if not isinstance(pair_, (list, tuple)) or len(pair_) != 2:
                 raise ValueError(f"{where}.{key} must be a pair of integers")
             checked[key] = tuple(_bounded({key: v}, key, lo, big, where) for v in pair_)
@@ -488,11 +492,11 @@ def window_of(name: str, module: Optional[torch.nn.Module], args: tuple, kwargs:
             p = (0, 0) if p == "valid" else pair(p)
             pads = [(p[0], p[0]), (p[1], p[1])]
         return tuple((k[a], s[a], pads[a][0], pads[a][1], d[a], 0) for a in (0, 1))
-    if name in ("max_pool2d", "avg_pool2d", "dilated_avg_pool2d"):
+    if name in ("max_pool2d", "avg_pool2d", "finer_pool2d"):
         if module is not None:
             k, s, p = module.kernel_size, module.stride, module.padding
             d = getattr(module, "dilation", 1)
-            ceil = module.ceil_mode
+            ceil = getattr(module, "ceil_mode", False)  # FinerPool2d pads its own overhang (ceil_stride)
         else:
             k = arg(1, "kernel_size")
             s = arg(2, "stride") or k

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "DilatedAvgPool2d"]
+__all__ = ["PointwiseConv2d", "FinerPool2d", "overhang"]
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -27,38 +27,66 @@ class PointwiseConv2d(nn.Conv2d):
         return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
 
 
-class DilatedAvgPool2d(nn.Module):
-    """Average pooling whose window taps are ``dilation`` apart (``nn.AvgPool2d`` has no dilation).
+def overhang(n: int, k: int, pad: int, d: int, stride: int) -> int:
+    """Rows a ceil-mode window op with ``stride`` hangs past its padded input of length ``n``, by PyTorch's rule
+    (the last window starts inside the input or its first padding): what a finer pool must pad after the map
+    to keep that last window when it runs at a smaller stride."""
+    span = n + 2 * pad - d * (k - 1) - 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= n + pad:
+        out -= 1
+    return max(0, (out - 1) * stride - span)
 
-    What a finer output stride (:mod:`convify.finer`) puts in place of an average pool after the removed
-    subsampling: the same window, spread over the finer map. With ``dilation`` 1 it equals
-    ``nn.AvgPool2d(kernel_size, stride, padding, count_include_pad=..., divisor_override=...)`` (without
-    ``ceil_mode``): the window sum is a depthwise convolution with ones, divided by the window's size,
-    by the positions inside the map when padding is not counted, or by ``divisor_override``.
 
-    ``(N, C, H, W) -> (N, C, H', W')``, ``H' = (H + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1``.
+class FinerPool2d(nn.Module):
+    """A max or average pool as a finer output stride (:mod:`convify.finer`) needs it.
+
+    - ``dilation``: window taps that many positions apart (``nn.AvgPool2d`` has none).
+    - ``ceil_stride``: per axis, the subsampling this pool had in ceil mode, now removed (0: none). The pool
+      then pads after the map as far as that ceil-mode window hung over (:func:`overhang`), so the last
+      window is kept; padding is not counted in an average there, as PyTorch does not count the overhang.
+
+    With dilation 1 and no ``ceil_stride`` it equals ``nn.MaxPool2d`` / ``nn.AvgPool2d`` (without ceil mode):
+    the average is a depthwise convolution with ones over the zero-padded map, divided by the window's size,
+    by the positions inside the map (and inside its padding when ``count_include_pad``), or by
+    ``divisor_override``.
+
+    ``(N, C, H, W) -> (N, C, H', W')``, ``H' = (H + 2 * padding + extra - dilation * (kernel - 1) - 1) // stride + 1``
+    with ``extra = overhang(H, kernel, padding, dilation, ceil_stride)``.
     """
 
-    def __init__(self, kernel_size: Any, stride: Any, padding: Any = 0, dilation: Any = 1,
-                 count_include_pad: bool = True, divisor_override: Optional[int] = None) -> None:
+    def __init__(self, mode: str, kernel_size: Any, stride: Any, padding: Any = 0, dilation: Any = 1,
+                 ceil_stride: Any = 0, count_include_pad: bool = True, divisor_override: Optional[int] = None) -> None:
         super().__init__()
+        if mode not in ("max", "avg"):
+            raise ValueError(f"mode must be max or avg, not {mode!r}")
+        self.mode = mode
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.padding, self.dilation, self.ceil_stride = _pair(padding), _pair(dilation), _pair(ceil_stride)
         self.count_include_pad, self.divisor_override = bool(count_include_pad), divisor_override
-        self.ceil_mode = False
+
+    def extra(self, height: int, width: int) -> tuple[int, int]:
+        """Positions padded after the map, per axis, for an input of ``height x width``."""
+        return tuple(overhang(n, self.kernel_size[a], self.padding[a], self.dilation[a], self.ceil_stride[a])
+                     if self.ceil_stride[a] else 0 for a, n in enumerate((height, width)))  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W) -> (N, C, H', W')``."""
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        eh, ew = self.extra(x.shape[2], x.shape[3])
+        if self.mode == "max":
+            padded = F.pad(x, (pw, pw + ew, ph, ph + eh), value=float("-inf"))
+            return F.max_pool2d(padded, self.kernel_size, self.stride, 0, self.dilation)
         channels = x.shape[1]
-        total = F.conv2d(F.pad(x, (pw, pw, ph, ph)), x.new_ones(channels, 1, kh, kw), stride=self.stride,
+        total = F.conv2d(F.pad(x, (pw, pw + ew, ph, ph + eh)), x.new_ones(channels, 1, kh, kw), stride=self.stride,
                          dilation=self.dilation, groups=channels)
         if self.divisor_override:
             return total / self.divisor_override
-        if self.count_include_pad or not (ph or pw):
+        if not (ph or pw or eh or ew) or (self.count_include_pad and not (eh or ew)):
             return total / (kh * kw)
-        inside = F.pad(x.new_ones(1, 1, *x.shape[2:]), (pw, pw, ph, ph))
-        return total / F.conv2d(inside, x.new_ones(1, 1, kh, kw), stride=self.stride, dilation=self.dilation)
+        counted = F.pad(x.new_ones(1, 1, *x.shape[2:]), (pw, pw, ph, ph), value=float(self.count_include_pad))
+        counted = F.pad(counted, (0, ew, 0, eh))  # the overhang is never counted
+        return total / F.conv2d(counted, x.new_ones(1, 1, kh, kw), stride=self.stride, dilation=self.dilation)
 
 
 def _pair(v: Any) -> tuple[int, int]:

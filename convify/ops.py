@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DilatedAvgPool2d, PointwiseConv2d
+from .layers import FinerPool2d, PointwiseConv2d
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
            "function_op", "resolve_method", "module_class", "module_classes", "module_op", "TENSOR_ATTRIBUTES"]
@@ -161,7 +161,7 @@ _TABLE: tuple[Op, ...] = (
     Op("conv2d", (nn.Conv2d, PointwiseConv2d), (F.conv2d,), window=True, head="module"),
     Op("max_pool2d", (nn.MaxPool2d,), (F.max_pool2d,), window=True, pool="max"),
     Op("avg_pool2d", (nn.AvgPool2d,), (F.avg_pool2d,), window=True, pool="avg"),
-    Op("dilated_avg_pool2d", (DilatedAvgPool2d,), window=True),
+    Op("finer_pool2d", (FinerPool2d,), window=True),
     Op("pad", (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), (F.pad,), window=True),
     # -- global pools: the boundary between body and head ------------------------------------------
     Op("adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), (F.adaptive_avg_pool2d,), pool="avg"),

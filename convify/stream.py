@@ -202,6 +202,8 @@ def _classify(net: nn.Module, index: int, step: Any, args: tuple, kwargs: dict, 
         expected = _out_rows(source_height, k, s, before, after, d, bool(ceil))
         if expected != height:
             raise NotStreamable(f"step '{name}' gives {height} rows where its window gives {expected}")
+        if any(getattr(module, "ceil_stride", (0, 0))):
+            raise NotStreamable(f"step '{name}' keeps a ceil-mode overhang that depends on the map's length")
         mode = padding_mode(op.name, module, args, kwargs)
         if mode == "circular":
             raise NotStreamable(f"step '{name}' pads circularly (the bottom row next to the top)")
