@@ -9,6 +9,7 @@ model has its real weights.
 
     python benchmarks/huge.py                          # 20000 x 20000, the default model and vgg16
     python benchmarks/huge.py --side 8000 --models default
+    python benchmarks/huge.py --height 4000 --models vgg16   # 20000 wide: the memory of the full size
 """
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ print(json.dumps({"seconds": seconds, "passes": result.passes, "streamed": resul
 """
 
 
-def make_tiff(path: Path, side: int, tile: int = 512) -> None:
-    """A side x side RGB tiled TIFF, written tile by tile."""
+def make_tiff(path: Path, side: int, height: int, tile: int = 512) -> None:
+    """A side (wide) x height RGB tiled TIFF, written tile by tile."""
     import tifffile
 
     def tiles():
-        for y in range(0, side, tile):
+        for y in range(0, height, tile):
             for x in range(0, side, tile):
                 yy, xx = np.mgrid[y:y + tile, x:x + tile]
                 r = (127 + 120 * np.sin(xx / 97.0)).astype(np.uint8)
@@ -63,13 +64,14 @@ def make_tiff(path: Path, side: int, tile: int = 512) -> None:
                 b = (((xx // 800 + yy // 800) % 2) * 200).astype(np.uint8)
                 yield np.stack([r, g, b], axis=-1)
 
-    tifffile.imwrite(path, tiles(), shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+    tifffile.imwrite(path, tiles(), shape=(height, side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                      compression="zlib", bigtiff=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--side", type=int, default=20000)
+    parser.add_argument("--side", type=int, default=20000, help="width (and height) in pixels")
+    parser.add_argument("--height", type=int, help="a height other than --side (memory does not depend on it)")
     parser.add_argument("--models", nargs="+", default=["default", "vgg16"])
     parser.add_argument("--budget", type=int, default=2 * 1024 ** 3, help="--max-memory in bytes (default 2 GB)")
     parser.add_argument("--threads", type=int, default=2)
@@ -77,12 +79,13 @@ def main() -> None:
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="convify-huge-"))
     work.mkdir(parents=True, exist_ok=True)
-    image = work / f"huge{args.side}.tif"
+    height = args.height or args.side
+    image = work / f"huge{args.side}x{height}.tif"
     if not image.exists():
         start = time.perf_counter()
-        make_tiff(image, args.side)
+        make_tiff(image, args.side, height)
         print(f"wrote {image} ({image.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s")
-    print(f"{args.side}x{args.side} px ({args.side ** 2 / 1e6:.0f} MP), budget {args.budget / 2 ** 30:.1f} GB, "
+    print(f"{args.side}x{height} px ({args.side * height / 1e6:.0f} MP), budget {args.budget / 2 ** 30:.1f} GB, "
           f"{args.threads} threads")
     print(f"{'model':<10} {'passes':>6} {'map':>11} {'seconds':>8} {'MP/s':>6} {'peak RSS':>9} {'before run':>10} "
           f"{'above budget':>12}")
@@ -95,7 +98,7 @@ def main() -> None:
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{model:<10} {r['passes']:>6} {r['map'][0]:>5}x{r['map'][1]:<5} {r['seconds']:>8.0f} "
-              f"{args.side ** 2 / 1e6 / r['seconds']:>6.2f} {r['peak_rss'] / 2 ** 30:>7.2f}GB "
+              f"{args.side * height / 1e6 / r['seconds']:>6.2f} {r['peak_rss'] / 2 ** 30:>7.2f}GB "
               f"{r['rss_before'] / 2 ** 30:>8.2f}GB {(r['peak_rss'] - args.budget) / 2 ** 30:>10.2f}GB")
 
 
