@@ -45,7 +45,8 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 result = large_heatmap(image, out, fcn, max_memory=budget, force=True)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "passes": result.passes, "streamed": result.streamed, "map": list(result.map_size),
+print(json.dumps({"seconds": seconds, "passes": result.passes, "streamed": result.streamed,
+                  "map": list(result.map_size),
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before,
                   "top": result.top[0]["name"]}))
 """

@@ -145,6 +145,25 @@ class _Size(click.ParamType):
         self.fail(f"{printable(value, limit=40)!r} is not 'auto', 'none' or a positive number of pixels", param, ctx)
 
 
+class _Scales(click.ParamType):
+    """Comma-separated factors of the size: ``1,1.5,2``."""
+
+    name = "FACTORS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = [p.strip() for p in str(value)[:200].split(",")]
+        try:
+            factors = tuple(float(p) for p in parts)
+        except ValueError:
+            factors = ()
+        if not factors or len(factors) > limits.MAX_SCALES or not all(0 < f <= limits.MAX_SCALE for f in factors):
+            self.fail(f"{printable(value, limit=40)!r} is not 1 to {limits.MAX_SCALES} comma-separated factors above 0 "
+                      f"and at most {limits.MAX_SCALE:g} (for example 1,1.5,2)", param, ctx)
+        return factors
+
+
 class _Bytes(click.ParamType):
     """A number of bytes: ``2G``, ``500M``, ``1.5GB``, ``123456``."""
 
@@ -194,6 +213,10 @@ class _Bytes(click.ParamType):
 @click.option("--pad", type=click.Choice(["reflect", "zeros", "none"]), default="reflect", show_default=True,
               help="Pad the image so cells reach its edges (reflect, or zeros: the network's own padding "
                    "value); none keeps every window inside the image and hatches the border no cell covers.")
+@click.option("--scales", type=_Scales(), help="Multi-scale fusion: run at these factors of --size (1,1.5,2) and "
+              "average the class probabilities on one grid, each map placed by its geometry.")
+@click.option("--flip", is_flag=True, help="Also run the mirrored image and average its map, mirrored back cell by "
+              "cell, in (the VGG paper's dense evaluation, with --scales).")
 @click.option("--stride", type=click.IntRange(min=1), help="A finer map: cells this many pixels apart (the "
               "network's stride divided by 2, 4...; 16 or 8 for VGG16), exactly; costs 4x, 16x... the positions "
               "after the removed subsampling.")
@@ -206,8 +229,8 @@ class _Bytes(click.ParamType):
 @click.pass_context
 def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], weights: Optional[str],
             queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, level: Optional[int],
-            scale: Optional[float], overlay_side: int, all_classes: bool, pad: str, stride: Optional[int],
-            output: Path, formats: str, force: bool, trust_pickle: bool) -> None:
+            scale: Optional[float], overlay_side: int, all_classes: bool, pad: str, scales: Optional[tuple],
+            flip: bool, stride: Optional[int], output: Path, formats: str, force: bool, trust_pickle: bool) -> None:
     """Draw class heatmaps for IMAGES with one forward pass each.
 
     Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
@@ -255,6 +278,8 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
             lead = "\n" if show_bar else ""
             try:
                 if is_large(image, size, max_pixels, level, scale):
+                    if scales or flip:
+                        raise ConvifyError("--scales and --flip are for images in memory; a streamed image runs once")
                     if "npy" in wanted:
                         raise ConvifyError("npy is not written for a streamed image: its map is in IMAGE.zarr")
                     big = large_heatmap(image, output, fcn, level=level, scale=scale, pad=pad, queries=queries,
@@ -270,7 +295,8 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
                     lines.append("  wrote " + ", ".join(printable(w) for w in big.files))
                     click.echo(lead + "\n".join(lines))
                     continue
-                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory, pad=pad)
+                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory, pad=pad,
+                                     scales=scales, flip=flip)
                 written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force, inputs=inputs)
                 lines = [f"{printable(image)} ({result.image.width}x{result.image.height} px, map "
                          f"{result.logits.shape[1]}x{result.logits.shape[2]}):"]

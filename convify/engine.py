@@ -296,6 +296,10 @@ class HeatmapResult:
         geometry: the network's :class:`~convify.geometry.Geometry` (in network-input pixels).
         arch: the model's architecture, when known.
         pad: ``(left, top, right, bottom)`` pixels the resized image was padded by (see ``heatmap(pad=)``).
+        parts: for a fused result (``heatmap(scales=, flip=)``), the maps it fused, each on its own grid in
+            the original image's pixels (flipped ones already mirrored back), in the order they ran; empty
+            otherwise. ``logits`` is then the log of the averaged probabilities.
+        fusion: ``{"scales": [...], "flip": bool}`` for a fused result, else None.
     """
 
     image: Image.Image
@@ -308,6 +312,8 @@ class HeatmapResult:
     arch: Optional[str] = None
     source: Optional[str] = None
     pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    parts: list["HeatmapResult"] = field(default_factory=list, repr=False)
+    fusion: Optional[dict[str, Any]] = None
     _probs: Optional[torch.Tensor] = field(default=None, repr=False)  # the float64 log-softmax, once computed
 
     @property
@@ -340,6 +346,11 @@ class HeatmapResult:
         score = float(log_probs[i, j].exp().float())
         return Prediction(index, self.classes[index], score, float(self.logits[index, i, j]),
                           (i, j), tuple(float(v) for v in self.boxes[i, j]))
+
+    def image_probs(self) -> torch.Tensor:
+        """``(C,)`` the image-level prediction: the cells' probabilities averaged over the map (for a fused
+        result, over the fused map: scales and flips included), as in the VGG paper's dense evaluation."""
+        return self._log_probs.exp().mean(dim=(1, 2)).float()
 
     def top(self, k: int = 5) -> list[Prediction]:
         """The ``k`` classes with the highest probability in any cell, best first."""
@@ -376,6 +387,7 @@ class HeatmapResult:
             "geometry": {"stride": g.stride, "window": g.window, "offset": g.offset,
                          "receptive_field": g.receptive_field, "local": g.local,
                          "scale_to_original": list(self.scale), "pad": list(self.pad)},
+            **({"fusion": self.fusion} if self.fusion else {}),
             "top": [_prediction_dict(p, self.image.size) for p in self.top(k)],
             "classes": [_prediction_dict(self.prediction(q), self.image.size) for q in queries],
         }
@@ -524,7 +536,8 @@ def _named_network(model: ModelLike) -> FullyConvNet:
 @torch.inference_mode()
 def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto",
             max_pixels: int = limits.MAX_PIXELS, max_memory: int = limits.DEFAULT_MAX_MEMORY,
-            pad: Optional[str] = "reflect", stride: Optional[int] = None) -> HeatmapResult:
+            pad: Optional[str] = "reflect", stride: Optional[int] = None,
+            scales: Optional[Sequence[float]] = None, flip: bool = False) -> HeatmapResult:
     """Class score maps for one image, from one forward pass (or exact tiles of one, see below).
 
     Args:
@@ -544,6 +557,11 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         stride: a finer output stride than the network's (16 or 8 for a stride-32 network): cells that many
             pixels apart, exactly (:func:`convify.finer.finer_stride`); the layers after the removed
             subsampling then cost ``(network stride / stride) ** 2`` times as much.
+        scales, flip: multi-scale and flip fusion (the VGG paper's dense evaluation): the image runs at each
+            scale of ``size`` (``(1, 1.5, 2)``: the shorter side 1x, 1.5x, 2x), and mirrored too with ``flip``;
+            each map is placed in the original image by its geometry (a mirrored map mirrored back exactly:
+            its cells' boxes, not its column order) and the class probabilities are averaged on the grid
+            with the most cells (interpolated between the other maps' cell centres). ``parts`` keeps the maps.
 
     Returns:
         A :class:`HeatmapResult` with ``(C, H', W')`` logits and boxes in the original image's pixels.
@@ -563,6 +581,10 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         raise ConvifyError(f"pad must be one of {', '.join(str(m) for m in PAD_MODES)}; got {pad!r}")
     fcn = _as_network(model, stride)
     picture = load_image(image)
+    if scales is not None or flip:
+        return _fused(picture, fcn, size, max_pixels, max_memory, pad,
+                      tuple(scales) if scales is not None else (1,), flip,
+                      str(image) if isinstance(image, (str, os.PathLike)) else None)
     meta, geometry = fcn.meta, fcn.geometry
     (width, height), capped = _target_size(picture.width, picture.height, size, geometry.window, max_pixels)
     if min(geometry.output_size(height, width)) < 1:
@@ -593,6 +615,67 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     source = str(image) if isinstance(image, (str, os.PathLike)) else None
     return HeatmapResult(picture, logits, classes, boxes, centers, (width, height), geometry, meta.arch, source,
                          pad=pads)
+
+
+def _fused(picture: Image.Image, fcn: FullyConvNet, size: Union[int, str, None], max_pixels: int,
+           max_memory: int, pad: Optional[str], scales: tuple[float, ...], flip: bool,
+           source: Optional[str]) -> HeatmapResult:
+    """``heatmap(scales=, flip=)``: one map per scale (and mirror), probabilities averaged on the finest grid."""
+    if not scales or len(scales) > limits.MAX_SCALES or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= limits.MAX_SCALE for v in scales):
+        raise ConvifyError(f"scales must be 1 to {limits.MAX_SCALES} factors of the size, each above 0 and at most "
+                           f"{limits.MAX_SCALE:g}; got {list(scales)[:10]}")
+    (width, height), _ = _target_size(picture.width, picture.height, size, fcn.geometry.window, max_pixels)
+    mirrored = ImageOps.mirror(picture) if flip else None
+    parts = []
+    for factor in scales:
+        side = max(1, round(min(width, height) * factor))
+        parts.append(heatmap(picture, fcn, size=side, max_pixels=max_pixels, max_memory=max_memory, pad=pad))
+        if mirrored is not None:
+            parts.append(_mirrored_back(heatmap(mirrored, fcn, size=side, max_pixels=max_pixels,
+                                                max_memory=max_memory, pad=pad), picture))
+    grid = max(parts, key=lambda r: r.logits.shape[1] * r.logits.shape[2])
+    probs = torch.stack([_on_grid(part, grid) for part in parts]).mean(dim=0)  # (C, H', W') float64
+    return HeatmapResult(picture, probs.clamp_min(torch.finfo(torch.float64).tiny).log().float(), grid.classes,
+                         grid.boxes, grid.centers, grid.input_size, grid.geometry, grid.arch, source, pad=grid.pad,
+                         parts=parts, fusion={"scales": list(scales), "flip": flip})
+
+
+def _mirrored_back(result: HeatmapResult, picture: Image.Image) -> HeatmapResult:
+    """The map of the mirrored image placed on the original: columns reversed, each box mirrored about the
+    image's vertical centre line (``x -> width - x``), so every cell keeps the window it really saw."""
+    w = float(picture.width)
+    boxes = result.boxes.flip(1).clone()
+    boxes[..., 0], boxes[..., 2] = w - result.boxes.flip(1)[..., 2], w - result.boxes.flip(1)[..., 0]
+    centers = result.centers.flip(1).clone()
+    centers[..., 0] = w - centers[..., 0]
+    left, top, right, bottom = result.pad
+    return HeatmapResult(picture, result.logits.flip(-1), result.classes, boxes, centers, result.input_size,
+                         result.geometry, result.arch, result.source, pad=(right, top, left, bottom))
+
+
+def _on_grid(part: HeatmapResult, grid: HeatmapResult) -> torch.Tensor:
+    """``part``'s probabilities at ``grid``'s cell centres, ``(C, H', W')`` float64: linear between ``part``'s
+    own centres along each axis (the grids are separable), the nearest cell beyond its outermost ones."""
+    probs = part._log_probs.exp()
+    rows = _interpolation(part.centers[:, 0, 1].double(), grid.centers[:, 0, 1].double())  # (H', h)
+    cols = _interpolation(part.centers[0, :, 0].double(), grid.centers[0, :, 0].double())  # (W', w)
+    return torch.einsum("ih,chw,jw->cij", rows, probs, cols)
+
+
+def _interpolation(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(m, n)`` weights that interpolate values at increasing positions ``source`` (n,) at ``target`` (m,)."""
+    n, m = source.numel(), target.numel()
+    weights = torch.zeros(m, n, dtype=torch.float64)
+    if n == 1:
+        return weights + 1
+    hi = torch.searchsorted(source, target).clamp(1, n - 1)
+    lo = hi - 1
+    t = ((target - source[lo]) / (source[hi] - source[lo])).clamp(0, 1)
+    rows = torch.arange(m)
+    weights[rows, lo] = 1 - t
+    weights[rows, hi] += t
+    return weights
 
 
 PAD_MODES = ("reflect", "zeros", "none", None)

@@ -14,8 +14,8 @@ Exactness: :func:`finer_stride` runs the finer network and checks that its cells
 ``(stride_old / stride)``-th position equal the original map, and that its map size is what the geometry
 says. Average pools after the removed stride, and a ceil-mode pool whose subsampling is removed, become
 :class:`~convify.layers.FinerPool2d` (PyTorch's average pool has no dilation; the ceil-mode pool keeps the
-window that hung over the map's end). Networks with global context (squeeze-and-excitation) are refused: their pools would
-average over the finer map and change every cell.
+window that hung over the map's end). Networks with global context (squeeze-and-excitation) are refused:
+their pools would average over the finer map and change every cell.
 """
 from __future__ import annotations
 

@@ -44,6 +44,10 @@ MAX_MODULE_DEPTH = 100
 # Overlays drawn side by side in one top-k grid image: each is the size of the photo, so ``--top-k 1000``
 # must not ask for a thousand of them (the printed list and the JSON summary still take all k).
 MAX_GRID_PANELS = 16
+# Multi-scale fusion (heatmap(scales=)): how many scales, and the largest factor of the size (each scale is a
+# full forward pass; MAX_PIXELS still bounds each one).
+MAX_SCALES = 8
+MAX_SCALE = 4.0
 # Default memory budget for one forward pass's tensors (``max_memory=``, ``--max-memory``): larger images
 # are cut into exact tiles that fit it (see convify.tiling).
 DEFAULT_MAX_MEMORY = 2 * 1024 ** 3

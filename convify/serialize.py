@@ -29,7 +29,8 @@ from . import limits, ops
 from .errors import ConvifyError, LimitError, ModelLoadError
 from .tracing import fetch_attr
 
-__all__ = ["graph_to_data", "graph_from_data", "StoredGraph", "graph_steps", "Step", "Ref", "run_step", "substitute", "fake_run", "step_refs"]
+__all__ = ["graph_to_data", "graph_from_data", "StoredGraph", "graph_steps", "Step", "Ref", "run_step", "substitute",
+           "fake_run", "step_refs"]
 
 _SKIP_INIT_ARGS = {"self", "device", "dtype"}
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
