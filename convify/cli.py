@@ -331,6 +331,67 @@ def _pillow_limit() -> Iterator[None]:
 
 
 @cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--size", "sizes", type=click.IntRange(min=1, max=limits.MAX_SIDE), multiple=True, default=(384,),
+              show_default=True, help="Square image side in pixels. Repeatable.")
+@click.option("--stride", "strides", type=click.IntRange(min=1), multiple=True,
+              help="Also time a finer stride against shift-and-stitch. Repeatable.")
+@click.option("--repeat", type=click.IntRange(min=1, max=100), default=3, show_default=True,
+              help="Runs of each measurement; the best is kept.")
+@click.option("--batch", type=click.IntRange(min=1, max=4096), default=32, show_default=True,
+              help="Crops per forward pass in the crop loop.")
+@click.option("--threads", type=click.IntRange(min=1, max=1024), help="torch threads (default: torch's choice).")
+def bench(models: tuple[str, ...], sizes: tuple[int, ...], strides: tuple[int, ...], repeat: int, batch: int,
+          threads: Optional[int]) -> None:
+    """Time the dense pass against the crop loop a user would write, side by side in one run.
+
+    MODELS are architecture names (random weights: speed does not depend on them) or converted files. Prints,
+    per model and size: the dense pass, the classifier on every cell's crop (batched), the speed-up, the
+    FLOP ratio (the speed-up's limit), the efficiency and the dense pass's peak memory; with --stride, the finer
+    network against stitching its map from shifted coarse passes.
+
+    Example:
+
+        convify bench vgg16 resnet50 --size 384 --size 512 --stride 16
+    """
+    import platform
+
+    import torch
+
+    from .bench import bench as measure, format_rows
+    from .convert import convert
+    from .fcn import is_convify_file, load
+    from .models import build_architecture
+
+    if threads:
+        torch.set_num_threads(threads)
+    click.echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
+               f"{_cpu_name()}, best of {repeat}")
+    header = True
+    for name in models:
+        if Path(name).is_file() and is_convify_file(name):
+            fcn, original = load(name), None
+        else:
+            original, model_info = build_architecture(name)
+            fcn = convert(original, model_info.input_size, check=False)
+        lines = format_rows(measure(printable(name, 40), fcn, original, sizes, strides, repeat, batch))
+        for line in lines[0 if header else 1:]:
+            click.echo(line)
+        header = False
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 def info(file: str) -> None:
     """Show what a converted FILE holds: source architecture, geometry, classes, rewrites.

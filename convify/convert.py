@@ -39,7 +39,7 @@ from . import limits
 from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
-from .layers import PointwiseConv2d
+from .layers import PointwiseConv2d, WindowLinear
 from .ops import op_for, op_name, unsupported_node
 from .tracing import Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, shape_of, trace
 
@@ -375,7 +375,7 @@ class _Converter:
                                   f"has {math.prod(sizes)}")
         # weight columns follow the flatten order of dims (1, 2, 3) of `src`; reorder them to (C, H, W)
         kernel = weight.detach().reshape(out_features, *sizes).permute(0, cdim, hdim, wdim)
-        conv = nn.Conv2d(kernel.shape[1], out_features, tuple(kernel.shape[2:]), bias=bias is not None)
+        conv = WindowLinear(kernel.shape[1], out_features, tuple(kernel.shape[2:]), bias=bias is not None)
         conv = conv.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(kernel)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "FinerPool2d", "overhang"]
+__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "overhang"]
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -25,6 +25,42 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in, H, W) -> (N, out, H, W)``."""
         return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
+
+
+# Output positions up to which WindowLinear unfolds its windows and runs them through the Linear (beyond,
+# a convolution). Measured on 2 CPU cores, 2 threads (VGG16's 7x7x512 -> 4096 and AlexNet's 6x6x256 -> 4096
+# heads): unfold + linear is 3.0x / 1.9x faster at 6x6 positions, 1.2x / 1.1x at 16x16, 0.88x / 0.90x at 32x32.
+UNFOLD_POSITIONS = 512
+
+
+class WindowLinear(nn.Conv2d):
+    """The first ``Linear`` of a flattening head, applied to every ``kernel x kernel`` window of the map.
+
+    It is an ``nn.Conv2d`` (weight ``(out, C, kh, kw)``: the Linear's columns in ``(C, H, W)`` order), and on
+    maps of up to :data:`UNFOLD_POSITIONS` output positions it computes as what it replaces: the windows
+    unfolded into ``(positions, C * kh * kw)`` rows and run through ``F.linear``. That is the kernel the
+    original ran (at the native size the result is bit for bit the original's) and, on the small maps a head
+    sees, 1.2x to 3x faster than a convolution, which re-lays out a 400 MB weight on every call; on larger
+    maps the convolution is faster and is used. ``stride`` and ``dilation`` are honoured (finer strides).
+
+    ``(N, C, H, W) -> (N, out, H', W')``, ``H' = (H + 2 * padding - dilation * (kh - 1) - 1) // stride + 1``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, out, H', W')``."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        rows = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        cols = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if rows < 1 or cols < 1 or rows * cols > UNFOLD_POSITIONS or self.padding_mode != "zeros":
+            return super().forward(x)
+        windows = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
+        out = F.linear(windows.transpose(1, 2), self.weight.flatten(1), self.bias)  # (N, L, out)
+        return out.transpose(1, 2).reshape(x.shape[0], self.out_channels, rows, cols)
 
 
 def overhang(n: int, k: int, pad: int, d: int, stride: int) -> int:

@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FinerPool2d, PointwiseConv2d
+from .layers import FinerPool2d, PointwiseConv2d, WindowLinear
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
            "function_op", "resolve_method", "module_class", "module_classes", "module_op", "TENSOR_ATTRIBUTES"]
@@ -158,7 +158,7 @@ def _elementwise(name: str, *, modules: tuple = (), functions: tuple = (), metho
 
 _TABLE: tuple[Op, ...] = (
     # -- windowed: they move the geometry ----------------------------------------------------------
-    Op("conv2d", (nn.Conv2d, PointwiseConv2d), (F.conv2d,), window=True, head="module"),
+    Op("conv2d", (nn.Conv2d, PointwiseConv2d, WindowLinear), (F.conv2d,), window=True, head="module"),
     Op("max_pool2d", (nn.MaxPool2d,), (F.max_pool2d,), window=True, pool="max"),
     Op("avg_pool2d", (nn.AvgPool2d,), (F.avg_pool2d,), window=True, pool="avg"),
     Op("finer_pool2d", (FinerPool2d,), window=True),

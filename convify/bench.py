@@ -1,0 +1,133 @@
+"""``convify bench``: the dense pass against the crop loop a user would write, measured side by side in one run.
+
+For a model and an image size it times (best of ``repeat``):
+
+- **dense**: the converted network's one forward pass over the image;
+- **crops**: the original classifier run on every window the map's cells stand for (``geometry.cell_box``),
+  batched ``batch`` at a time: what sliding the classifier over the image costs without the shared work;
+
+and reports their ratio (the speed-up), the ratio of the floating-point operations the two do
+(``torch.utils.flop_counter``; the limit the speed-up would reach if both ran at the same FLOP rate), the
+efficiency (speed-up / FLOP ratio), and the dense pass's peak memory (:func:`convify.tiling.activation_bytes`).
+For each finer stride asked (:mod:`convify.finer`) it times the finer network against stitching the same
+map from the coarse network run on the image shifted by each phase (shift-and-stitch).
+
+Random weights unless the model is a converted file: speed does not depend on them. Speed targets live
+here, not in unit tests.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .fcn import FullyConvNet
+
+__all__ = ["BenchRow", "bench", "format_rows"]
+
+
+@dataclass
+class BenchRow:
+    """One measurement. ``what``: ``"dense"`` (with the crop loop beside it) or ``"stride N"``."""
+
+    model: str
+    size: int
+    what: str
+    cells: int
+    seconds: float
+    reference: str  # what it is compared with
+    reference_seconds: float
+    flop_ratio: Optional[float] = None
+    peak_bytes: Optional[int] = None
+
+    @property
+    def speedup(self) -> float:
+        return self.reference_seconds / self.seconds
+
+    @property
+    def efficiency(self) -> Optional[float]:
+        return None if self.flop_ratio is None else self.speedup / self.flop_ratio
+
+
+def _best(run: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _flops(run: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return counter.get_total_flops()
+
+
+@torch.inference_mode()
+def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Sequence[int],
+          strides: Sequence[int] = (), repeat: int = 3, batch: int = 32) -> list[BenchRow]:
+    """Measure ``fcn`` (and ``original``, the classifier it came from; None: ``fcn`` itself on each crop, which at
+    the native size is the classifier) at each square image ``size``. See the module docs for the columns.
+
+    Raises:
+        ConvifyError: a size smaller than the network's window, or a stride :func:`finer_stride` refuses.
+    """
+    from .errors import ConvifyError
+    from .finer import finer_stride
+    from .tiling import activation_bytes
+
+    g = fcn.geometry
+    classify = original if original is not None else fcn
+    rows = []
+    for size in sizes:
+        if size < g.min_input_size():
+            raise ConvifyError(f"the size {size} px is smaller than the network's {g.min_input_size()} px")
+        image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        h, w = g.output_size(size, size)
+        boxes = [g.cell_box(i, j) for i in range(h) for j in range(w) if g.cell_box(i, j)[2] <= size
+                 and g.cell_box(i, j)[3] <= size]
+        crops = torch.cat([image[:, :, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes])
+
+        def loop() -> None:
+            for k in range(0, len(crops), batch):
+                classify(crops[k:k + batch])
+
+        fcn(image)
+        classify(crops[:batch])  # warm up both
+        dense = _best(lambda: fcn(image), repeat)
+        sliding = _best(loop, repeat)
+        ratio = _flops(lambda: classify(crops[:1])) * len(crops) / max(1, _flops(lambda: fcn(image)))
+        rows.append(BenchRow(name, size, "dense", h * w, dense, f"{len(crops)} crops", sliding, ratio,
+                             activation_bytes(fcn, size, size)))
+        for stride in strides:
+            fine = finer_stride(fcn, stride)
+            r = g.stride // stride
+            fine(image)
+            seconds = _best(lambda: fine(image), repeat)
+            shifts = [image[:, :, a * stride:, b * stride:] for a in range(r) for b in range(r)]
+            stitched = _best(lambda: [fcn(x) for x in shifts], repeat)
+            fh, fw = fine.geometry.output_size(size, size)
+            rows.append(BenchRow(name, size, f"stride {stride}", fh * fw, seconds,
+                                 f"shift-and-stitch ({r * r} passes)", stitched))
+    return rows
+
+
+def format_rows(rows: Sequence[BenchRow]) -> list[str]:
+    """The table ``convify bench`` prints (one line a row, header first)."""
+    lines = [f"{'model':<14} {'px':>5} {'what':<10} {'cells':>6} {'seconds':>8}  {'against':<26} {'seconds':>8} "
+             f"{'speed-up':>8} {'FLOP ratio':>10} {'efficiency':>10} {'peak memory':>11}"]
+    for r in rows:
+        lines.append(
+            f"{r.model[:14]:<14} {r.size:>5} {r.what:<10} {r.cells:>6} {r.seconds:>8.3f}  {r.reference:<26} "
+            f"{r.reference_seconds:>8.3f} {r.speedup:>7.2f}x "
+            f"{'' if r.flop_ratio is None else f'{r.flop_ratio:.2f}x':>10} "
+            f"{'' if r.efficiency is None else f'{r.efficiency:.2f}':>10} "
+            f"{'' if r.peak_bytes is None else f'{r.peak_bytes / 2 ** 20:.0f} MiB':>11}")
+    return lines
