@@ -5,6 +5,9 @@ For a model and an image size it times (best of ``repeat``):
 - **dense**: the converted network's one forward pass over the image;
 - **crops**: the original classifier run on every window the map's cells stand for (``geometry.cell_box``),
   batched ``batch`` at a time: what sliding the classifier over the image costs without the shared work;
+- **heatmap**: ``convify.heatmap`` end to end on a photo of that size (decode excluded, ``pad="none"`` so the
+  network sees the same pixels) beside the bare dense pass: that row's ``speed-up`` column is the overhead,
+  heatmap time over the bare pass's (target: at most 1.1);
 
 and reports their ratio (the speed-up), the ratio of the floating-point operations the two do
 (``torch.utils.flop_counter``; the limit the speed-up would reach if both ran at the same FLOP rate), the
@@ -31,7 +34,8 @@ __all__ = ["BenchRow", "bench", "format_rows"]
 
 @dataclass
 class BenchRow:
-    """One measurement. ``what``: ``"dense"`` (with the crop loop beside it) or ``"stride N"``."""
+    """One measurement. ``what``: ``"dense"`` (with the crop loop beside it), ``"heatmap"`` (the bare dense pass
+    beside ``heatmap()`` end to end: ``speedup`` is then the overhead) or ``"stride N"``."""
 
     model: str
     size: int
@@ -79,6 +83,10 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
     Raises:
         ConvifyError: a size smaller than the network's window, or a stride :func:`finer_stride` refuses.
     """
+    import numpy as np
+    from PIL import Image
+
+    from .engine import heatmap
     from .errors import ConvifyError
     from .finer import finer_stride
     from .tiling import activation_bytes
@@ -106,6 +114,10 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
         ratio = _flops(lambda: classify(crops[:1])) * len(crops) / max(1, _flops(lambda: fcn(image)))
         rows.append(BenchRow(name, size, "dense", h * w, dense, f"{len(crops)} crops", sliding, ratio,
                              activation_bytes(fcn, size, size)))
+        picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+        heatmap(picture, fcn, size=None, pad="none")  # warm up
+        end_to_end = _best(lambda: heatmap(picture, fcn, size=None, pad="none"), repeat)
+        rows.append(BenchRow(name, size, "heatmap", h * w, dense, "heatmap() end to end", end_to_end))
         for stride in strides:
             fine = finer_stride(fcn, stride)
             r = g.stride // stride

@@ -721,8 +721,10 @@ def _is_out_of_memory(error: RuntimeError) -> bool:
 
 
 def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB PIL image -> ``(1, 3, H, W)`` float32, ``(x / 255 - mean) / std``."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    """RGB PIL image -> ``(1, 3, H, W)`` float32, ``(x / 255 - mean) / std``, contiguous (a channels-last layout
+    would run the whole network channels-last: 1.3x slower on ResNet-50 on 2 CPU cores)."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    array = array.float().div_(255)
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
     return ((array - mean_t) / std_t)[None]

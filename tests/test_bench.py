@@ -35,7 +35,8 @@ def test_the_flop_ratio_is_the_crops_work_over_the_dense_work() -> None:
     torch.manual_seed(0)
     model = OneConv().eval()
     fcn = convify.convert(model, 20)  # a 9x9 map of 8 channels; the head: stride-1 9x9 mean, then a 1x1 layer
-    (row,) = bench("one-conv", fcn, model, sizes=[36], repeat=1)
+    row, end_to_end = bench("one-conv", fcn, model, sizes=[36], repeat=1)
+    assert end_to_end.what == "heatmap" and end_to_end.seconds == row.seconds and end_to_end.reference_seconds > 0
     cells = fcn.output_size(36, 36)[0] ** 2
     assert row.cells == cells == 81 and row.reference == "81 crops"
     crop = _conv_flops(20) + 2 * 8 * 5  # the conv, then Linear(8 -> 5) once (torch counts no mean)
@@ -44,7 +45,7 @@ def test_the_flop_ratio_is_the_crops_work_over_the_dense_work() -> None:
     assert row.efficiency == pytest.approx(row.speedup / row.flop_ratio)
     assert row.seconds > 0 and row.reference_seconds > 0 and row.peak_bytes > 0
     # at the native size there is one crop and the same work
-    (native,) = bench("one-conv", fcn, model, sizes=[20], repeat=1)
+    native, _ = bench("one-conv", fcn, model, sizes=[20], repeat=1)
     assert native.cells == 1 and native.flop_ratio == pytest.approx(1.0)
 
 
@@ -53,11 +54,11 @@ def test_finer_strides_are_timed_against_shift_and_stitch() -> None:
     model = OneConv().eval()
     fcn = convify.convert(model, 20)
     rows = bench("one-conv", fcn, None, sizes=[40], strides=[1], repeat=1)
-    assert [r.what for r in rows] == ["dense", "stride 1"]
-    assert rows[1].reference == "shift-and-stitch (4 passes)"
-    assert rows[1].cells == finer_stride(fcn, 1).output_size(40, 40)[0] ** 2
+    assert [r.what for r in rows] == ["dense", "heatmap", "stride 1"]
+    assert rows[2].reference == "shift-and-stitch (4 passes)"
+    assert rows[2].cells == finer_stride(fcn, 1).output_size(40, 40)[0] ** 2
     lines = format_rows(rows)
-    assert len(lines) == 3 and "speed-up" in lines[0] and "stride 1" in lines[2]
+    assert len(lines) == 4 and "speed-up" in lines[0] and "stride 1" in lines[3]
 
 
 def test_the_bench_command(tmp_path: Path) -> None:
@@ -70,6 +71,7 @@ def test_the_bench_command(tmp_path: Path) -> None:
     lines = done.output.splitlines()
     assert lines[0].startswith("torch ") and "1 threads" in lines[0] and "FLOP ratio" in lines[1]
     assert sum(" dense " in line for line in lines) == 2 and sum("stride 1" in line for line in lines) == 2
+    assert sum(" heatmap " in line for line in lines) == 2
     small = runner.invoke(cli, ["bench", str(path), "--size", "8"])
     assert small.exit_code == 1 and "smaller than the network's" in small.output and "Traceback" not in small.output
     unknown = runner.invoke(cli, ["bench", "no_such_architecture_xyz"])
