@@ -99,6 +99,10 @@ class FinerPool2d(nn.Module):
         self.mode = mode
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation, self.ceil_stride = _pair(padding), _pair(dilation), _pair(ceil_stride)
+        if min(self.kernel_size + self.stride + self.dilation) < 1 or min(self.padding + self.ceil_stride) < 0:
+            raise ValueError("kernel_size, stride and dilation must be at least 1, padding and ceil_stride at least 0")
+        if divisor_override is not None and (not isinstance(divisor_override, int) or divisor_override < 1):
+            raise ValueError("divisor_override must be a positive integer")
         self.count_include_pad, self.divisor_override = bool(count_include_pad), divisor_override
 
     def extra(self, height: int, width: int) -> tuple[int, int]:

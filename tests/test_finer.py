@@ -232,3 +232,41 @@ def test_heatmap_and_the_command_line_take_a_stride(tmp_path: Path) -> None:
                               "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 1 and "divided by a power of 2" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def _edit(path: Path, edit, out: Path) -> Path:
+    """Rewrite a saved file's JSON header as an attacker would."""
+    import json
+
+    payload = torch.load(path, weights_only=True)
+    header = json.loads(payload["convify"])
+    edit(header)
+    payload["convify"] = json.dumps(header)
+    torch.save(payload, out)
+    return out
+
+
+def _finer_pool(header: dict) -> dict:
+    return next(spec for spec in header["graph"]["modules"].values() if spec["class"] == "FinerPool2d")
+
+
+@pytest.mark.parametrize("attack", [
+    lambda h: _finer_pool(h)["kwargs"].update(mode="__import__('os').system('true')"),
+    lambda h: _finer_pool(h)["kwargs"].update(kernel_size={"tuple": [0, 0]}),
+    lambda h: _finer_pool(h)["kwargs"].update(dilation={"tuple": [1 << 30, 1]}),
+    lambda h: _finer_pool(h)["kwargs"].update(ceil_stride={"tuple": [-2, 1]}),
+    lambda h: next(layer for layer in h["geometry"]["layers"] if "ceil_stride" in layer).update(ceil_stride=[-1, 2]),
+    lambda h: next(layer for layer in h["geometry"]["layers"] if "ceil_stride" in layer).update(ceil_stride="2"),
+    lambda h: next(layer for layer in h["geometry"]["layers"] if layer["op"] == "window").update(ceil_stride=[1, 1],
+                                                                                                 extra=[5, 5]),
+], ids=["mode-code", "zero-kernel", "huge-dilation", "negative-ceil", "geometry-negative", "geometry-string",
+        "geometry-extra-key"])
+def test_crafted_finer_layers_in_a_file_are_refused(tmp_path: Path, attack) -> None:
+    """The layers finer strides add are part of the file format: a crafted one is one clear ModelLoadError (or
+    a LimitError when it would allocate too much), never code, never a traceback from deep inside torch."""
+    fine = finer_stride(_small(CeilAtTheEnd(), 32), 2)
+    path = _edit(fine.save(tmp_path / "fine.fcn.pt"), attack, tmp_path / "evil.fcn.pt")
+    with pytest.raises((convify.ModelLoadError, convify.LimitError)):
+        loaded = convify.load(path)
+        with torch.inference_mode():
+            loaded(torch.zeros(1, 3, 64, 64))
