@@ -36,7 +36,7 @@ def test_the_flop_ratio_is_the_crops_work_over_the_dense_work() -> None:
     model = OneConv().eval()
     fcn = convify.convert(model, 20)  # a 9x9 map of 8 channels; the head: stride-1 9x9 mean, then a 1x1 layer
     row, end_to_end = bench("one-conv", fcn, model, sizes=[36], repeat=1)
-    assert end_to_end.what == "heatmap" and end_to_end.seconds == row.seconds and end_to_end.reference_seconds > 0
+    assert end_to_end.what == "heatmap" and end_to_end.seconds > 0 and end_to_end.reference_seconds > 0
     cells = fcn.output_size(36, 36)[0] ** 2
     assert row.cells == cells == 81 and row.reference == "81 crops"
     crop = _conv_flops(20) + 2 * 8 * 5  # the conv, then Linear(8 -> 5) once (torch counts no mean)
