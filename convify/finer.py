@@ -145,11 +145,7 @@ def _window(net: nn.Module, step: Any, values: list) -> Optional[tuple]:
     op = module_op(module) if module is not None else step.op
     if op is None or not op.window:
         return None
-    args, kwargs = substitute(step.args, values), substitute(step.kwargs, values)
-    weight = None
-    if module is None and op.name == "conv2d":
-        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-    params = window_of(op.name, module, args, kwargs, tuple(weight.shape[2:]) if weight is not None else None)
+    params = window_of(op.name, module, substitute(step.args, values), substitute(step.kwargs, values))
     if params is None:
         raise ConversionError(f"'{step.name}' ({op.name}) is a window convify cannot describe")
     return params

@@ -31,7 +31,7 @@ import torch.fx as fx
 from . import limits
 from .errors import ConversionError, ConvifyError
 from .layers import overhang
-from .ops import op_for, op_name
+from .ops import argument, op_for, op_name
 from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
 
 __all__ = ["Geometry", "analyse_geometry", "window_of", "padding_mode"]
@@ -470,17 +470,21 @@ def window_of(name: str, module: Optional[torch.nn.Module], args: tuple, kwargs:
 
     The one place that reads a window off a layer (``module``) or off a call's arguments (``args``,
     ``kwargs``, the map first): the geometry reads graphs with it, streaming (:mod:`convify.stream`) reads
-    running steps. ``kernel`` is a functional convolution's ``(kh, kw)`` (its weight is an argument).
+    running steps. ``kernel`` is a functional convolution's ``(kh, kw)`` where its weight argument is not a
+    tensor (a graph node); otherwise it is read off the weight.
     Returns None for an operation that is not a window convify can describe (a pad of more than the
     map's two dimensions).
     """
     def arg(position: int, key: str, default: Any = None) -> Any:
-        return kwargs[key] if key in kwargs else args[position] if len(args) > position else default
+        return argument(args, kwargs, position, (key,), default)
 
     if name == "conv2d":
         if module is not None:
             k, s, d, p = module.kernel_size, module.stride, module.dilation, module.padding
         else:
+            weight = arg(1, "weight")
+            kernel = kernel if kernel is not None else \
+                tuple(weight.shape[2:]) if isinstance(weight, torch.Tensor) else None
             if kernel is None:
                 return None
             k, s, p, d = kernel, arg(3, "stride", 1), arg(4, "padding", 0), arg(5, "dilation", 1)

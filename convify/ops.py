@@ -36,7 +36,7 @@ from torch import nn
 from .layers import FinerPool2d, PointwiseConv2d, WindowLinear
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
-           "function_op", "resolve_method", "module_class", "module_classes", "module_op", "TENSOR_ATTRIBUTES"]
+           "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,8 @@ def _numeric(op: Callable) -> Callable:
     return call
 
 
-def _argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
+def argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
+    """A call's argument by any of its keyword ``names``, else at ``position``, else ``default``."""
     for name in names:
         if name in kwargs:
             return kwargs[name]
@@ -134,19 +135,19 @@ def _argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], 
 
 
 def _dim_size(args: tuple, kwargs: dict, position: int) -> int:
-    tensor, dim = args[0] if args else kwargs.get("input"), _argument(args, kwargs, position, ("dim",), 0)
+    tensor, dim = args[0] if args else kwargs.get("input"), argument(args, kwargs, position, ("dim",), 0)
     if not isinstance(tensor, torch.Tensor) or not isinstance(dim, int) or not -tensor.ndim <= dim < max(1, tensor.ndim):
         return 1  # the call itself will refuse it
     return tensor.shape[dim] if tensor.ndim else 1
 
 
 def _chunk_pieces(args: tuple, kwargs: dict) -> int:
-    chunks = _argument(args, kwargs, 1, ("chunks",), 1)
+    chunks = argument(args, kwargs, 1, ("chunks",), 1)
     return min(chunks, _dim_size(args, kwargs, 2)) if isinstance(chunks, int) else 1
 
 
 def _split_pieces(args: tuple, kwargs: dict) -> int:
-    size = _argument(args, kwargs, 1, ("split_size", "split_size_or_sections"), 1)
+    size = argument(args, kwargs, 1, ("split_size", "split_size_or_sections"), 1)
     if isinstance(size, (list, tuple)):
         return len(size)
     return -(-_dim_size(args, kwargs, 2) // size) if isinstance(size, int) and size > 0 else 1

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .geometry import padding_mode, window_of
+from .ops import argument
 from .serialize import Ref, StoredGraph, fake_run, graph_steps, run_step, step_refs
 from .serialize import substitute as _substitute
 
@@ -103,10 +104,6 @@ def _op_of(net: nn.Module, step: Any) -> Any:
     from .ops import module_op
 
     return module_op(net.get_submodule(step.call)) if step.kind == "call_module" else step.op
-
-
-def _argument(args: tuple, kwargs: dict, position: int, key: str, default: Any = None) -> Any:
-    return kwargs[key] if key in kwargs else args[position] if len(args) > position else default
 
 
 def compile_stream(net: nn.Module, height: int, width: int) -> Program:
@@ -190,9 +187,7 @@ def _classify(net: nn.Module, index: int, step: Any, args: tuple, kwargs: dict, 
         first = step.args[0] if step.args else None
         if not isinstance(first, Ref) or _is_image((step.args[1:], step.kwargs), image):
             raise NotStreamable(f"step '{name}' ({op.name}) reads the image through more than its first argument")
-        weight = _argument(args, kwargs, 1, "weight") if module is None and op.name == "conv2d" else None
-        params = window_of(op.name, module, args, kwargs,
-                           tuple(weight.shape[2:]) if isinstance(weight, torch.Tensor) else None)
+        params = window_of(op.name, module, args, kwargs)
         if params is None:
             raise NotStreamable(f"step '{name}' ({op.name}) is not a window convify can describe")
         k, s, before, after, d, ceil = params[0]
@@ -217,10 +212,10 @@ def _classify(net: nn.Module, index: int, step: Any, args: tuple, kwargs: dict, 
             raise NotStreamable(f"step '{name}' indexes a map along more than its channels")
     if op.dim is not None and op.name not in ("getitem",):
         position, default = op.dim
-        dim = _argument(args, kwargs, position, "dim", default)
+        dim = argument(args, kwargs, position, ("dim",), default)
         if dim not in (1, -3):
             raise NotStreamable(f"step '{name}' ({op.name}) acts along dimension {dim}, not the channels")
-    if op.name == "batch_norm" and _argument(args, kwargs, 5, "training", False):
+    if op.name == "batch_norm" and argument(args, kwargs, 5, ("training",), False):
         raise NotStreamable(f"step '{name}' normalises with batch statistics")
     if step.kind == "call_module" and net.get_submodule(step.call).training and op.name.startswith("batch_norm"):
         raise NotStreamable(f"step '{name}' normalises with batch statistics")

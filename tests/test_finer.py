@@ -18,6 +18,8 @@ import convify
 from convify import ConversionError, ConvifyError
 from convify.finer import finer_cost, finer_stride
 from convify.tiling import stream_refusal, tiled_map
+from test_fcn import _edit_header
+from test_tiling import Squeeze
 
 NUM_CLASSES = 5
 
@@ -69,19 +71,6 @@ class CeilAtTheEnd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(F.relu(self.conv(x))).mean((2, 3)))
-
-
-class Squeeze(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.gate = nn.Linear(8, 8)
-        self.fc = nn.Linear(8, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv(x))
-        x = x * torch.sigmoid(self.gate(x.mean([2, 3])))[:, :, None, None]
-        return self.fc(x.mean([2, 3]))
 
 
 def _run(fcn: convify.FullyConvNet, x: torch.Tensor) -> torch.Tensor:
@@ -234,18 +223,6 @@ def test_heatmap_and_the_command_line_take_a_stride(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
-def _edit(path: Path, edit, out: Path) -> Path:
-    """Rewrite a saved file's JSON header as an attacker would."""
-    import json
-
-    payload = torch.load(path, weights_only=True)
-    header = json.loads(payload["convify"])
-    edit(header)
-    payload["convify"] = json.dumps(header)
-    torch.save(payload, out)
-    return out
-
-
 def _finer_pool(header: dict) -> dict:
     return next(spec for spec in header["graph"]["modules"].values() if spec["class"] == "FinerPool2d")
 
@@ -265,7 +242,7 @@ def test_crafted_finer_layers_in_a_file_are_refused(tmp_path: Path, attack) -> N
     """The layers finer strides add are part of the file format: a crafted one is one clear ModelLoadError (or
     a LimitError when it would allocate too much), never code, never a traceback from deep inside torch."""
     fine = finer_stride(_small(CeilAtTheEnd(), 32), 2)
-    path = _edit(fine.save(tmp_path / "fine.fcn.pt"), attack, tmp_path / "evil.fcn.pt")
+    path = _edit_header(fine.save(tmp_path / "fine.fcn.pt"), attack, tmp_path / "evil.fcn.pt")
     with pytest.raises((convify.ModelLoadError, convify.LimitError)):
         loaded = convify.load(path)
         with torch.inference_mode():
