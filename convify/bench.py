@@ -14,13 +14,18 @@ and reports their ratio (the speed-up), the ratio of the floating-point operatio
 (``torch.utils.flop_counter``; the limit the speed-up would reach if both ran at the same FLOP rate), the
 efficiency (speed-up / FLOP ratio), and the dense pass's peak memory (:func:`convify.tiling.activation_bytes`).
 For each finer stride asked (:mod:`convify.finer`) it times the finer network against stitching the same
-map from the coarse network run on the image shifted by each phase (shift-and-stitch).
+map from the coarse network run on the image shifted by each phase (shift-and-stitch). For each reduced
+precision asked (:mod:`convify.devices`: ``bfloat16``, ``float16`` on a GPU) it times the dense pass under
+autocast against float32 and reports their agreement: the share of cells whose best class is float32's, and
+the largest logit difference. With ``compiled`` it times ``torch.compile`` (inductor, weights frozen) against
+the eager pass, with the compile time and the same agreement: convify runs eager unless this shows a gain.
 
 Random weights unless the model is a converted file: speed does not depend on them. Speed targets live
 here, not in unit tests.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -28,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .devices import DeviceLike, autocast, check_finite, check_precision, on_device, resolve_device
 from .fcn import FullyConvNet
 
 __all__ = ["BenchRow", "bench", "format_rows"]
@@ -36,7 +42,9 @@ __all__ = ["BenchRow", "bench", "format_rows"]
 @dataclass
 class BenchRow:
     """One measurement. ``what``: ``"dense"`` (with the crop loop beside it), ``"heatmap"`` (the bare dense pass
-    beside ``heatmap()`` end to end: ``speedup`` is then the overhead) or ``"stride N"``."""
+    beside ``heatmap()`` end to end: ``speedup`` is then the overhead), ``"stride N"``, a precision name or
+    ``"compiled"`` (beside the float32 / eager dense pass: ``agreement`` is the share of cells whose top-1 class
+    is the same, ``max_diff`` the largest logit difference)."""
 
     model: str
     size: int
@@ -47,6 +55,8 @@ class BenchRow:
     reference_seconds: float
     flop_ratio: Optional[float] = None
     peak_bytes: Optional[int] = None
+    agreement: Optional[float] = None
+    max_diff: Optional[float] = None
 
     @property
     def speedup(self) -> float:
@@ -57,13 +67,34 @@ class BenchRow:
         return None if self.flop_ratio is None else self.speedup / self.flop_ratio
 
 
-def _best(run: Callable[[], object], repeat: int) -> float:
+def _best(run: Callable[[], object], repeat: int, device: torch.device = torch.device("cpu")) -> float:
     times = []
     for _ in range(max(1, repeat)):
+        _sync(device)
         start = time.perf_counter()
         run()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU calls return before they finish)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _first(out: object) -> torch.Tensor:
+    """The main map of a network's output (the first, for heads with several outputs)."""
+    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
+
+
+def _agreement(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Share of cells whose top-1 class is ``ref``'s, and the largest absolute logit difference."""
+    out, ref = out.float(), ref.float()
+    return float((out.argmax(1) == ref.argmax(1)).float().mean()), float((out - ref).abs().max())
 
 
 def _flops(run: Callable[[], object]) -> int:
@@ -77,12 +108,15 @@ def _flops(run: Callable[[], object]) -> int:
 
 @torch.inference_mode()
 def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Sequence[int],
-          strides: Sequence[int] = (), repeat: int = 3, batch: int = 32) -> list[BenchRow]:
+          strides: Sequence[int] = (), repeat: int = 3, batch: int = 32, precisions: Sequence[str] = (),
+          compiled: bool = False, device: DeviceLike = None) -> list[BenchRow]:
     """Measure ``fcn`` (and ``original``, the classifier it came from; None: ``fcn`` itself on each crop, which at
-    the native size is the classifier) at each square image ``size``. See the module docs for the columns.
+    the native size is the classifier) at each square image ``size`` on ``device`` (None: where ``fcn`` is).
+    See the module docs for the rows and columns.
 
     Raises:
-        ConvifyError: a size smaller than the network's window, or a stride :func:`finer_stride` refuses.
+        ConvifyError: a size smaller than the network's window, a stride :func:`finer_stride` refuses, a
+            device this machine lacks or a precision it does not offer there.
     """
     import numpy as np
     from PIL import Image
@@ -93,12 +127,16 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
     from .tiling import activation_bytes
 
     g = fcn.geometry
-    classify = original if original is not None else fcn
+    where = resolve_device(device, fcn)
+    precisions = [p for p in dict.fromkeys(check_precision(where, p) for p in precisions) if p != "float32"]
+    fcn = on_device(fcn, where)
+    classify = fcn if original is None else original if next(original.parameters()).device == where else \
+        copy.deepcopy(original).to(where)  # the caller's module stays where it is
     rows = []
     for size in sizes:
         if size < g.min_input_size():
             raise ConvifyError(f"the size {size} px is smaller than the network's {g.min_input_size()} px")
-        image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(where)
         h, w = g.output_size(size, size)
         boxes = [g.cell_box(i, j) for i in range(h) for j in range(w) if g.cell_box(i, j)[2] <= size
                  and g.cell_box(i, j)[3] <= size]
@@ -108,42 +146,73 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
             for k in range(0, len(crops), batch):
                 classify(crops[k:k + batch])
 
-        fcn(image)
+        reference = _first(fcn(image))
         classify(crops[:batch])  # warm up both
-        dense = _best(lambda: fcn(image), repeat)
-        sliding = _best(loop, repeat)
+        dense = _best(lambda: fcn(image), repeat, where)
+        sliding = _best(loop, repeat, where)
         ratio = _flops(lambda: classify(crops[:1])) * len(crops) / max(1, _flops(lambda: fcn(image)))
         rows.append(BenchRow(name, size, "dense", h * w, dense, f"{len(crops)} crops", sliding, ratio,
-                             activation_bytes(fcn, size, size)))
+                             activation_bytes(fcn, size, size) if where.type == "cpu" else None))
         picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
         heatmap(picture, fcn, size=None, pad="none")  # warm up
-        end_to_end = _best(lambda: heatmap(picture, fcn, size=None, pad="none"), repeat)
-        same_input = _normalise(picture, fcn.meta.mean, fcn.meta.std)  # what heatmap() feeds the network
+        end_to_end = _best(lambda: heatmap(picture, fcn, size=None, pad="none"), repeat, where)
+        same_input = _normalise(picture, fcn.meta.mean, fcn.meta.std).to(where)  # what heatmap() feeds the network
         fcn(same_input)
-        bare = _best(lambda: fcn(same_input), repeat)
+        bare = _best(lambda: fcn(same_input), repeat, where)
         rows.append(BenchRow(name, size, "heatmap", h * w, bare, "heatmap() end to end", end_to_end))
+        for precision in precisions:
+            with autocast(where, precision):
+                low = _first(fcn(image))
+                seconds = _best(lambda: fcn(image), repeat, where)
+            check_finite(low, precision)
+            rows.append(BenchRow(name, size, precision, h * w, seconds, "float32 dense", dense,
+                                 agreement=_agreement(low, reference)[0], max_diff=_agreement(low, reference)[1]))
+        if compiled:
+            rows.append(_compiled_row(name, size, fcn, image, reference, dense, repeat, where))
         for stride in strides:
             fine = finer_stride(fcn, stride)
             r = g.stride // stride
             fine(image)
-            seconds = _best(lambda: fine(image), repeat)
+            seconds = _best(lambda: fine(image), repeat, where)
             shifts = [image[:, :, a * stride:, b * stride:] for a in range(r) for b in range(r)]
-            stitched = _best(lambda: [fcn(x) for x in shifts], repeat)
+            stitched = _best(lambda: [fcn(x) for x in shifts], repeat, where)
             fh, fw = fine.geometry.output_size(size, size)
             rows.append(BenchRow(name, size, f"stride {stride}", fh * fw, seconds,
                                  f"shift-and-stitch ({r * r} passes)", stitched))
     return rows
 
 
+def _compiled_row(name: str, size: int, fcn: FullyConvNet, image: torch.Tensor, reference: torch.Tensor,
+                  eager: float, repeat: int, where: torch.device) -> BenchRow:
+    """``torch.compile`` (inductor, parameters frozen as constants) beside the eager pass; the compile time
+    (the first call's) is in the ``against`` column."""
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    with inductor.patch(freezing=True):
+        run = torch.compile(fcn.net, dynamic=False)
+        start = time.perf_counter()
+        out = run(image)
+        _sync(where)
+        build = time.perf_counter() - start
+        seconds = _best(lambda: run(image), repeat, where)
+    agreement, diff = _agreement(_first(out), reference)
+    return BenchRow(name, size, "compiled", int(reference.shape[2] * reference.shape[3]), seconds,
+                    f"eager (compile {build:.0f} s)", eager, agreement=agreement, max_diff=diff)
+
+
 def format_rows(rows: Sequence[BenchRow]) -> list[str]:
     """The table ``convify bench`` prints (one line a row, header first)."""
     lines = [f"{'model':<14} {'px':>5} {'what':<10} {'cells':>6} {'seconds':>8}  {'against':<26} {'seconds':>8} "
-             f"{'speed-up':>8} {'FLOP ratio':>10} {'efficiency':>10} {'peak memory':>11}"]
+             f"{'speed-up':>8} {'FLOP ratio':>10} {'efficiency':>10} {'peak memory':>11} {'top-1 same':>10} "
+             f"{'max diff':>9}"]
     for r in rows:
         lines.append(
             f"{r.model[:14]:<14} {r.size:>5} {r.what:<10} {r.cells:>6} {r.seconds:>8.3f}  {r.reference:<26} "
             f"{r.reference_seconds:>8.3f} {r.speedup:>7.2f}x "
             f"{'' if r.flop_ratio is None else f'{r.flop_ratio:.2f}x':>10} "
             f"{'' if r.efficiency is None else f'{r.efficiency:.2f}':>10} "
-            f"{'' if r.peak_bytes is None else f'{r.peak_bytes / 2 ** 20:.0f} MiB':>11}")
+            f"{'' if r.peak_bytes is None else f'{r.peak_bytes / 2 ** 20:.0f} MiB':>11} "
+            f"{'' if r.agreement is None else f'{100 * r.agreement:.1f}%':>10} "
+            f"{'' if r.max_diff is None else f'{r.max_diff:.2g}':>9}".rstrip())
     return lines

@@ -185,6 +185,14 @@ class _Bytes(click.ParamType):
         return int(amount)
 
 
+_DEVICE = click.option("--device", help="Where the network runs: cpu, cuda, cuda:N or mps (default: cpu, or where a "
+                       "loaded network's weights are).")
+_PRECISION = click.option("--precision", type=click.Choice(["float32", "bf16", "bfloat16", "fp16", "float16"]),
+                          default="float32", show_default=True,
+                          help="bf16 (CPU, GPU) or fp16 (GPU): autocast, faster and NOT exact; convify bench "
+                          "--precision bf16 measures the agreement. A non-finite score is an error.")
+
+
 @cli.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", help="A converted file, a model file convify convert accepts, or an architecture "
@@ -220,6 +228,8 @@ class _Bytes(click.ParamType):
 @click.option("--stride", type=click.IntRange(min=1), help="A finer map: cells this many pixels apart (the "
               "network's stride divided by 2, 4...; 16 or 8 for VGG16), exactly; costs 4x, 16x... the positions "
               "after the removed subsampling.")
+@_DEVICE
+@_PRECISION
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Directory for the files written.")
 @click.option("--format", "formats", default="png,json", show_default=True,
@@ -230,7 +240,8 @@ class _Bytes(click.ParamType):
 def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], weights: Optional[str],
             queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, level: Optional[int],
             scale: Optional[float], overlay_side: int, all_classes: bool, pad: str, scales: Optional[tuple],
-            flip: bool, stride: Optional[int], output: Path, formats: str, force: bool, trust_pickle: bool) -> None:
+            flip: bool, stride: Optional[int], device: Optional[str], precision: str, output: Path, formats: str,
+            force: bool, trust_pickle: bool) -> None:
     """Draw class heatmaps for IMAGES with one forward pass each.
 
     Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
@@ -263,6 +274,10 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
         from .finer import finer_stride
 
         fcn = finer_stride(fcn, stride)
+    from .devices import check_precision, on_device, resolve_device
+
+    fcn = on_device(fcn, device)
+    precision = check_precision(resolve_device(None, fcn), precision)  # refused once, not per image
     if fcn.classes:
         from .engine import resolve_class
 
@@ -284,7 +299,8 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
                         raise ConvifyError("npy is not written for a streamed image: its map is in IMAGE.zarr")
                     big = large_heatmap(image, output, fcn, level=level, scale=scale, pad=pad, queries=queries,
                                         top_k=top_k, all_classes=all_classes, max_memory=max_memory,
-                                        overlay_side=overlay_side, formats=wanted, force=force)
+                                        overlay_side=overlay_side, formats=wanted, force=force,
+                                        precision=precision)
                     lines = [f"{printable(image)} ({big.image_size[0]}x{big.image_size[1]} px, map "
                              f"{big.map_size[0]}x{big.map_size[1]}, "
                              f"{big.passes} {'strips' if big.streamed else 'crops'}):"]
@@ -296,7 +312,7 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
                     click.echo(lead + "\n".join(lines))
                     continue
                 result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory, pad=pad,
-                                     scales=scales, flip=flip)
+                                     scales=scales, flip=flip, precision=precision)
                 written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force, inputs=inputs)
                 lines = [f"{printable(image)} ({result.image.width}x{result.image.height} px, map "
                          f"{result.logits.shape[1]}x{result.logits.shape[2]}):"]
@@ -341,18 +357,25 @@ def _pillow_limit() -> Iterator[None]:
 @click.option("--batch", type=click.IntRange(min=1, max=4096), default=32, show_default=True,
               help="Crops per forward pass in the crop loop.")
 @click.option("--threads", type=click.IntRange(min=1, max=1024), help="torch threads (default: torch's choice).")
+@click.option("--precision", "precisions", type=click.Choice(["bf16", "bfloat16", "fp16", "float16"]), multiple=True,
+              help="Also time the dense pass in this precision (autocast) against float32, with their top-1 "
+              "agreement per cell. Repeatable.")
+@click.option("--compiled", is_flag=True, help="Also time torch.compile (inductor, frozen weights) against eager, "
+              "with the compile time.")
+@_DEVICE
 def bench(models: tuple[str, ...], sizes: tuple[int, ...], strides: tuple[int, ...], repeat: int, batch: int,
-          threads: Optional[int]) -> None:
+          threads: Optional[int], precisions: tuple[str, ...], compiled: bool, device: Optional[str]) -> None:
     """Time the dense pass against the crop loop a user would write, side by side in one run.
 
     MODELS are architecture names (random weights: speed does not depend on them) or converted files. Prints,
     per model and size: the dense pass, the classifier on every cell's crop (batched), the speed-up, the
     FLOP ratio (the speed-up's limit), the efficiency and the dense pass's peak memory; with --stride, the finer
-    network against stitching its map from shifted coarse passes.
+    network against stitching its map from shifted coarse passes; with --precision, the dense pass in that
+    precision against float32 (and how many cells keep their top-1 class); with --compiled, torch.compile.
 
     Example:
 
-        convify bench vgg16 resnet50 --size 384 --size 512 --stride 16
+        convify bench vgg16 resnet50 --size 384 --size 512 --stride 16 --precision bf16
     """
     import platform
 
@@ -374,7 +397,8 @@ def bench(models: tuple[str, ...], sizes: tuple[int, ...], strides: tuple[int, .
         else:
             original, model_info = build_architecture(name)
             fcn = convert(original, model_info.input_size, check=False)
-        lines = format_rows(measure(printable(name, 40), fcn, original, sizes, strides, repeat, batch))
+        lines = format_rows(measure(printable(name, 40), fcn, original, sizes, strides, repeat, batch, precisions,
+                                    compiled, device))
         for line in lines[0 if header else 1:]:
             click.echo(line)
         header = False

@@ -45,6 +45,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import limits
+from .devices import DeviceLike, autocast, check_finite, check_precision, on_device, resolve_device
 from .errors import ConvifyError, ImageError, LimitError, OutputExistsError
 from .fcn import FullyConvNet, load
 from .outputs import check_not_inputs, ensure_directory, write_files
@@ -300,6 +301,7 @@ class HeatmapResult:
             the original image's pixels (flipped ones already mirrored back), in the order they ran; empty
             otherwise. ``logits`` is then the log of the averaged probabilities.
         fusion: ``{"scales": [...], "flip": bool}`` for a fused result, else None.
+        precision: what the network ran in (``"float32"``, or the reduced precision asked for).
     """
 
     image: Image.Image
@@ -314,6 +316,7 @@ class HeatmapResult:
     pad: tuple[int, int, int, int] = (0, 0, 0, 0)
     parts: list["HeatmapResult"] = field(default_factory=list, repr=False)
     fusion: Optional[dict[str, Any]] = None
+    precision: str = "float32"
     _probs: Optional[torch.Tensor] = field(default=None, repr=False)  # the float64 log-softmax, once computed
 
     @property
@@ -388,6 +391,7 @@ class HeatmapResult:
                          "receptive_field": g.receptive_field, "local": g.local,
                          "scale_to_original": list(self.scale), "pad": list(self.pad)},
             **({"fusion": self.fusion} if self.fusion else {}),
+            "precision": self.precision,
             "top": [_prediction_dict(p, self.image.size) for p in self.top(k)],
             "classes": [_prediction_dict(self.prediction(q), self.image.size) for q in queries],
         }
@@ -506,18 +510,18 @@ def resolve_class(classes: Sequence[str], query: Union[str, int]) -> int:
 _FINER: "weakref.WeakKeyDictionary[FullyConvNet, dict[int, FullyConvNet]]" = weakref.WeakKeyDictionary()
 
 
-def _as_network(model: ModelLike, stride: Optional[int] = None) -> FullyConvNet:
+def _as_network(model: ModelLike, stride: Optional[int] = None, device: DeviceLike = None) -> FullyConvNet:
     """The network a model argument names, at ``stride`` (None: its own; see :func:`convify.finer.finer_stride`,
-    made once per network and stride)."""
+    made once per network and stride), on ``device`` (None: where it is; see :func:`convify.devices.on_device`)."""
     fcn = _named_network(model)
-    if stride is None or stride == fcn.geometry.stride:
-        return fcn
-    from .finer import finer_stride
+    if stride is not None and stride != fcn.geometry.stride:
+        from .finer import finer_stride
 
-    made = _FINER.setdefault(fcn, {})
-    if stride not in made:
-        made[stride] = finer_stride(fcn, stride)
-    return made[stride]
+        made = _FINER.setdefault(fcn, {})
+        if stride not in made:
+            made[stride] = finer_stride(fcn, stride)
+        fcn = made[stride]
+    return on_device(fcn, device)
 
 
 def _named_network(model: ModelLike) -> FullyConvNet:
@@ -537,7 +541,8 @@ def _named_network(model: ModelLike) -> FullyConvNet:
 def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, None] = "auto",
             max_pixels: int = limits.MAX_PIXELS, max_memory: int = limits.DEFAULT_MAX_MEMORY,
             pad: Optional[str] = "reflect", stride: Optional[int] = None,
-            scales: Optional[Sequence[float]] = None, flip: bool = False) -> HeatmapResult:
+            scales: Optional[Sequence[float]] = None, flip: bool = False, device: DeviceLike = None,
+            precision: Optional[str] = None) -> HeatmapResult:
     """Class score maps for one image, from one forward pass (or exact tiles of one, see below).
 
     Args:
@@ -562,6 +567,9 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
             each map is placed in the original image by its geometry (a mirrored map mirrored back exactly:
             its cells' boxes, not its column order) and the class probabilities are averaged on the grid
             with the most cells (interpolated between the other maps' cell centres). ``parts`` keeps the maps.
+        device: ``"cpu"``, ``"cuda"``, ``"mps"`` (None: where the network is); the network is copied there once.
+        precision: ``"float32"`` (None, the default), ``"bfloat16"`` or, on a GPU, ``"float16"``: autocast,
+            faster and not exact (:mod:`convify.devices`; ``convify bench --precision`` measures the agreement).
 
     Returns:
         A :class:`HeatmapResult` with ``(C, H', W')`` logits and boxes in the original image's pixels.
@@ -569,7 +577,8 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     Raises:
         ImageError: the image cannot be read, or is too small (or too elongated) for the network.
         LimitError: the size asked for is over ``max_pixels`` or MAX_SIDE, or the run is out of memory.
-        ConvifyError: a bad argument.
+        ConvifyError: a bad argument, a device this machine lacks, or a non-finite score (a reduced
+            precision's overflow).
 
     Examples::
 
@@ -579,12 +588,13 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
     """
     if pad not in PAD_MODES:
         raise ConvifyError(f"pad must be one of {', '.join(str(m) for m in PAD_MODES)}; got {pad!r}")
-    fcn = _as_network(model, stride)
+    fcn = _as_network(model, stride, device)
+    precision = check_precision(resolve_device(None, fcn), precision)
     picture = load_image(image)
     if scales is not None or flip:
         return _fused(picture, fcn, size, max_pixels, max_memory, pad,
                       tuple(scales) if scales is not None else (1,), flip,
-                      str(image) if isinstance(image, (str, os.PathLike)) else None)
+                      str(image) if isinstance(image, (str, os.PathLike)) else None, precision)
     meta, geometry = fcn.meta, fcn.geometry
     (width, height), capped = _target_size(picture.width, picture.height, size, geometry.window, max_pixels)
     if min(geometry.output_size(height, width)) < 1:
@@ -603,7 +613,9 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
         fcn.eval()
-        logits = tiled_map(fcn, x, max_memory)
+        with autocast(resolve_device(None, fcn), precision):
+            logits = tiled_map(fcn, x, max_memory)
+        check_finite(logits, precision)
         boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height), pads[:2])
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
@@ -614,12 +626,12 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         [f"class {i}" for i in range(logits.shape[0])]
     source = str(image) if isinstance(image, (str, os.PathLike)) else None
     return HeatmapResult(picture, logits, classes, boxes, centers, (width, height), geometry, meta.arch, source,
-                         pad=pads)
+                         pad=pads, precision=precision)
 
 
 def _fused(picture: Image.Image, fcn: FullyConvNet, size: Union[int, str, None], max_pixels: int,
            max_memory: int, pad: Optional[str], scales: tuple[float, ...], flip: bool,
-           source: Optional[str]) -> HeatmapResult:
+           source: Optional[str], precision: str) -> HeatmapResult:
     """``heatmap(scales=, flip=)``: one map per scale (and mirror), probabilities averaged on the finest grid."""
     if not scales or len(scales) > limits.MAX_SCALES or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= limits.MAX_SCALE for v in scales):
@@ -630,15 +642,16 @@ def _fused(picture: Image.Image, fcn: FullyConvNet, size: Union[int, str, None],
     parts = []
     for factor in scales:
         side = max(1, round(min(width, height) * factor))
-        parts.append(heatmap(picture, fcn, size=side, max_pixels=max_pixels, max_memory=max_memory, pad=pad))
+        parts.append(heatmap(picture, fcn, size=side, max_pixels=max_pixels, max_memory=max_memory, pad=pad,
+                             precision=precision))
         if mirrored is not None:
             parts.append(_mirrored_back(heatmap(mirrored, fcn, size=side, max_pixels=max_pixels,
-                                                max_memory=max_memory, pad=pad), picture))
+                                                max_memory=max_memory, pad=pad, precision=precision), picture))
     grid = max(parts, key=lambda r: r.logits.shape[1] * r.logits.shape[2])
     probs = torch.stack([_on_grid(part, grid) for part in parts]).mean(dim=0)  # (C, H', W') float64
     return HeatmapResult(picture, probs.clamp_min(torch.finfo(torch.float64).tiny).log().float(), grid.classes,
                          grid.boxes, grid.centers, grid.input_size, grid.geometry, grid.arch, source, pad=grid.pad,
-                         parts=parts, fusion={"scales": list(scales), "flip": flip})
+                         parts=parts, fusion={"scales": list(scales), "flip": flip}, precision=precision)
 
 
 def _mirrored_back(result: HeatmapResult, picture: Image.Image) -> HeatmapResult:

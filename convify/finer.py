@@ -228,7 +228,7 @@ def _check(coarse: FullyConvNet, finer: FullyConvNet) -> None:
     x = torch.randn(1, 3, size, size + g.stride // 2 + 1, generator=torch.Generator().manual_seed(0))
     param = next(iter(coarse.parameters()), None)
     if param is not None:
-        x = x.to(param.dtype)
+        x = x.to(param.device, param.dtype)
     with torch.inference_mode():
         a = coarse(x)
         try:

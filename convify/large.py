@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import limits
+from .devices import DeviceLike, autocast, check_finite, check_precision, resolve_device
 from .engine import ModelLike, PAD_MODES, _as_network, _png, _slug, clip_box, padding, resolve_class
 from .errors import ConvifyError, OutputExistsError
 from .fcn import FullyConvNet
@@ -100,7 +101,8 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
                   queries: Sequence[Union[str, int]] = (), top_k: int = 5, all_classes: bool = False,
                   max_memory: int = limits.DEFAULT_MAX_MEMORY, overlay_side: int = DEFAULT_OVERLAY_SIDE,
                   formats: Sequence[str] = ("png", "json"), force: bool = False,
-                  stem: Optional[str] = None, stride: Optional[int] = None) -> LargeResult:
+                  stem: Optional[str] = None, stride: Optional[int] = None, device: DeviceLike = None,
+                  precision: Optional[str] = None) -> LargeResult:
     """Class maps of an image of any size, in bounded memory, streamed to ``output/STEM.zarr``.
 
     Args:
@@ -119,7 +121,8 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         formats: ``png`` (overlays) and ``json`` (summary) besides the store, which is always written.
         force: replace existing outputs (never an input).
         stem: the outputs' name stem (default: the image's).
-        stride: a finer output stride (see :func:`convify.engine.heatmap`).
+        stride, device, precision: a finer output stride, where and in what precision the network runs (see
+            :func:`convify.engine.heatmap`); a block with a non-finite score stops the run (nothing is kept).
 
     Returns:
         A :class:`LargeResult`.
@@ -139,7 +142,8 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
     if unknown:
         raise ConvifyError(f"unknown format(s) {', '.join(sorted(unknown))}; a large image writes png and json "
                            "besides its map store")
-    fcn = _as_network(model, stride)
+    fcn = _as_network(model, stride, device)
+    precision = check_precision(resolve_device(None, fcn), precision)
     g = fcn.geometry
     out_dir = Path(output)
     stem = stem or Path(image).stem
@@ -160,14 +164,17 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         center0 = ((g.cell_box(0, 0)[0] + g.cell_box(0, 0)[2]) / 2 - left,
                    (g.cell_box(0, 0)[1] + g.cell_box(0, 0)[3]) / 2 - top)
         attrs = {"image": str(image), "image_size": [width, height], "level": level, "scale": scale,
-                 "model": fcn.meta.arch, "pad": list(pads), "geometry": g.to_dict(),
+                 "model": fcn.meta.arch, "precision": precision, "pad": list(pads), "geometry": g.to_dict(),
                  "cell_box": "x0 = offset + col * stride - pad[0], y0 = offset + row * stride - pad[1], "
                              "x1 = x0 + window, y1 = y0 + window (image pixels at this level)"}
         store_path = out_dir / f"{stem}.zarr"
         with MapWriter(store_path, map_size=plan.map_size, num_classes=num_classes, classes=classes, keep=kept,
                        top_k=top_k, all_classes=all_classes, attrs=attrs, force=force, inputs=[image]) as writer:
-            for r0, c0, block in iter_tiles(fcn, _reader(fcn, source, pads, pad or "none", bool(plan.strip)), plan):
-                writer.write(r0, c0, block)
+            with autocast(resolve_device(None, fcn), precision):
+                for r0, c0, block in iter_tiles(fcn, _reader(fcn, source, pads, pad or "none", bool(plan.strip)),
+                                                plan):
+                    check_finite(block, precision)
+                    writer.write(r0, c0, block)
         store = open_map(store_path)
         best = store.class_max()
         order = [int(i) for i in np.argsort(-best.log_prob, kind="stable")[:max(top_k, len(kept), 1)]]
@@ -200,7 +207,8 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
                 planned.append((out_dir / f"{stem}.{name}_{index}.png", _png(drawing)))
         if "json" in formats:
             summary = {"image": str(image), "image_size": [width, height], "level": level, "scale": scale,
-                       "model": fcn.meta.arch, "map_size": list(plan.map_size), "store": str(store_path),
+                       "model": fcn.meta.arch, "precision": precision, "map_size": list(plan.map_size),
+                       "store": str(store_path),
                        "passes": plan.count, "streamed": bool(plan.strip), "pad": list(pads),
                        "geometry": {"stride": g.stride, "window": g.window, "offset": g.offset,
                                     "receptive_field": g.receptive_field, "local": g.local},
