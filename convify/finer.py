@@ -14,8 +14,20 @@ Exactness: :func:`finer_stride` runs the finer network and checks that its cells
 ``(stride_old / stride)``-th position equal the original map, and that its map size is what the geometry
 says. Average pools after the removed stride, and a ceil-mode pool whose subsampling is removed, become
 :class:`~convify.layers.FinerPool2d` (PyTorch's average pool has no dilation; the ceil-mode pool keeps the
-window that hung over the map's end). Networks with global context (squeeze-and-excitation) are refused:
-their pools would average over the finer map and change every cell.
+window that hung over the map's end).
+
+Squeeze-and-excitation (MobileNetV3, EfficientNet): a global average pool whose ``(N, C, 1, 1)`` summary
+passes through per-position layers (1x1 convolutions, activations) and multiplies the map back in. After a
+removed subsampling with ratio ``r`` (the layer's original input stride over its finer one), the map
+interleaves ``r x r`` phases: ``x[:, :, a::r, b::r]`` is the original network on the image shifted by
+``(a, b)`` finer strides, and the original pooled each of them over itself alone. Such a pool becomes
+:class:`~convify.layers.PhaseAvgPool2d` (``(N, C, H, W) -> (N, C, H, W)``, each position its phase's mean),
+the layers after it run per position on that map of summaries, and ``scale * x`` multiplies position
+``(i, j)`` by phase ``(i % r, j % r)``'s summary. Pools before the first removed subsampling are unchanged.
+The network keeps ``geometry.local`` False: its cells still see the whole image. Refused, with the reason:
+other global context (GroupNorm over the map, circular padding, max pools over the map, unknown layers), and
+a pool after the cut whose summary goes through anything but per-position layers (a flatten and a
+``Linear``, a view) before it meets the map.
 """
 from __future__ import annotations
 
@@ -28,8 +40,9 @@ from torch import nn
 from .errors import ConversionError, ConvifyError
 from .fcn import FullyConvNet, Rewrite
 from .geometry import Geometry, window_of
-from .layers import FinerPool2d, PointwiseConv2d
-from .serialize import _module_spec, fake_run, graph_from_data, graph_to_data, step_refs, substitute
+from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d
+from .ops import argument, module_op
+from .serialize import Ref, StoredGraph, _module_spec, fake_run, graph_from_data, graph_to_data, step_refs, substitute
 
 __all__ = ["finer_stride", "finer_cost"]
 
@@ -73,37 +86,42 @@ def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
     """The network with a finer output stride: its subsamplings past ``stride`` removed, what follows dilated.
 
     Args:
-        fcn: a converted network (from :func:`convify.convert` or a file).
+        fcn: a converted network (from :func:`convify.convert` or a file): ``(N, 3, H, W) -> (N, K, H', W')``.
         stride: the new stride in pixels: the network's divided by a power of 2 (16 or 8 for VGG16).
 
     Returns:
-        A new :class:`FullyConvNet` (the original is untouched) whose map has cells ``stride`` px apart; every
-        ``fcn.geometry.stride // stride``-th cell (from the first) is the original's. Costs
-        :func:`finer_cost` times the positions after the first removed subsampling.
+        A new :class:`FullyConvNet` (the original is untouched), ``(N, 3, H, W) -> (N, K, H'', W'')`` with
+        ``(H'', W'') = geometry.output_size(H, W)``: cells ``stride`` px apart; every
+        ``fcn.geometry.stride // stride``-th cell (from the first) is the original's. Costs :func:`finer_cost`
+        times the positions after the first removed subsampling. Squeeze-and-excitation pools after it
+        average each phase of the finer map apart (:class:`~convify.layers.PhaseAvgPool2d`); the geometry
+        keeps saying that the network has global context.
 
     Raises:
         ConvifyError: the stride is not the network's divided by a power of 2.
-        ConversionError: the network has global context, a layer convify cannot dilate (a pool written as a
-            function call, a ceil-mode pool at the removed subsampling), or the check fails.
+        ConversionError: the network has global context other than squeeze-and-excitation average pools, or
+            such a pool after the removed subsampling feeds something that is not per position; a layer
+            convify cannot dilate (a pool written as a function call, a ceil-mode pool at the removed
+            subsampling); or the check fails.
     """
     _check_stride(fcn, stride)
     g = fcn.geometry
     if stride == g.stride:
         return fcn
-    if not g.local:
-        raise ConversionError(f"this network has layers that see the whole map ({', '.join(g.global_context[:3])}): "
-                              "at a finer stride they would pool over the finer map and change every cell, so "
-                              "convify does not refine it")
     description, tensors = graph_to_data(fcn.net)
     description = copy.deepcopy(description)
     try:
         steps, _, values, image = fake_run(fcn.net, g.window, g.window)
+        # a second size tells the maps (they grow) from the summaries of global pools (they do not)
+        grown = values if g.local else fake_run(fcn.net, g.window + g.stride, g.window + 2 * g.stride)[2]
     except Exception as e:  # noqa: BLE001 - the network runs at its native size; anything else is a bug
         raise ConversionError(f"cannot run the network at its native size: {e}") from None
+    pools = _context_pools(fcn.net, g, steps, values, grown, image)
     names = [n["name"] for n in description["nodes"] if n["op"] != "output"]
     if names != [s.name for s in steps]:
         raise ConversionError("the network's description and its steps disagree")
     jumps: dict[int, int] = {}
+    phased: dict[int, int] = {}  # pool after the first removed subsampling -> its phases per axis
     rewrites: list[Rewrite] = []
     for index, step in enumerate(steps):
         if index not in image:
@@ -115,6 +133,11 @@ def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
         if len(sources) != 1:
             raise ConversionError(f"'{step.name}' merges maps at different strides {sorted(sources)}")
         jump = sources.pop()
+        if index in pools:
+            jumps[index] = jump
+            if jump > stride:
+                phased[index] = jump // stride
+            continue
         params = _window(fcn.net, step, values)
         if params is None:
             jumps[index] = jump
@@ -130,11 +153,214 @@ def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
         changed = _dilated(module, new, step.call)
         description["modules"][step.call] = _module_spec(changed, step.call)
         rewrites.append(Rewrite(step.call, _brief(params), _brief(new)))
+    _check_summaries(fcn.net, steps, values, grown, phased, stride)
+    rewrites += [_phase_pool(fcn.net, steps, index, r, description, tensors) for index, r in phased.items()]
     net = graph_from_data(description, tensors)
     geometry = _finer_geometry(g, stride)
     finer = FullyConvNet(net, geometry, fcn.meta, [*fcn.rewrites, *rewrites], fcn.check)
     _check(fcn, finer)
     return finer
+
+
+# --------------------------------------------------------------------------------------------------
+# Squeeze-and-excitation: global average pools, per phase past the removed subsampling
+
+
+def _grows(native: Any, grown: Any) -> bool:
+    """Whether a step's value is a map: a tensor whose shape follows the input's size."""
+    return isinstance(native, torch.Tensor) and isinstance(grown, torch.Tensor) and native.shape != grown.shape
+
+
+def _is_summary(native: Any, grown: Any) -> bool:
+    """Whether a value is an ``(N, C, 1, 1)`` summary at both sizes (what a phase pool's map can stand for)."""
+    return not _grows(native, grown) and isinstance(native, torch.Tensor) and native.ndim == 4 \
+        and tuple(native.shape[2:]) == (1, 1)
+
+
+def _layer_name(net: nn.Module, step: Any) -> str:
+    """A step as the geometry names it: the layer's path, else the node's name."""
+    return step.call if step.kind == "call_module" else step.name
+
+
+def _op_name(net: nn.Module, step: Any) -> str:
+    if step.kind == "call_module":
+        return type(net.get_submodule(step.call)).__name__
+    return step.op.name if step.op is not None else str(step.call)
+
+
+def _context_pools(net: nn.Module, g: Geometry, steps: list, values: list, grown: list, image: set) -> set[int]:
+    """The steps that give the network global context, all of them squeeze-and-excitation average pools.
+
+    A step that reads a map (a value that grows with the input) and gives a tensor that does not is a summary
+    of the whole map; it must average the map to one value per channel (:func:`_averages_map`). A
+    :class:`~convify.layers.PhaseAvgPool2d` (a network made finer before) is one too.
+
+    Raises:
+        ConversionError: the geometry names other global context, or a summary is not an average.
+    """
+    if g.local:
+        return set()
+    pools: set[int] = set()
+    explained: set[str] = set()
+    other: list[str] = []
+    for index, step in enumerate(steps):
+        if index not in image or step.kind not in ("call_module", "call_function", "call_method"):
+            continue
+        if not isinstance(values[index], torch.Tensor):  # a shape read off a map (the geometry may name it)
+            explained.update((step.name, _layer_name(net, step)))
+            continue
+        if step.kind == "call_module" and isinstance(net.get_submodule(step.call), PhaseAvgPool2d):
+            pools.add(index)
+        elif _grows(values[index], grown[index]) or not any(_grows(values[i], grown[i]) for i in step_refs(step)):
+            continue
+        elif _averages_map(net, step, values, grown):
+            pools.add(index)
+        else:
+            other.append(_layer_name(net, step))
+            continue
+        explained.update((step.name, _layer_name(net, step)))  # a function call made a layer has both
+    refused = list(dict.fromkeys([*(n for n in g.global_context if n not in explained), *other]))
+    if refused:
+        raise ConversionError(f"this network has layers that see the whole map ({', '.join(refused[:3])}): "
+                              "at a finer stride they would pool over the finer map and change every cell, so "
+                              "convify does not refine it (only squeeze-and-excitation average pools are made "
+                              "finer, phase by phase)")
+    return pools
+
+
+def _averages_map(net: nn.Module, step: Any, values: list, grown: list) -> bool:
+    """Whether a step averages an ``(N, C, H, W)`` map over ``H`` and ``W``: ``nn.AdaptiveAvgPool2d(1)``,
+    ``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))`` (``keepdim`` or not: what follows is checked)."""
+    source = argument(step.args, step.kwargs, 0, ("input",))
+    if not isinstance(source, Ref):
+        return False
+    native, big = values[source.index], grown[source.index]
+    if not (_grows(native, big) and native.ndim == 4 and native.shape[:2] == big.shape[:2]
+            and native.shape[2] != big.shape[2] and native.shape[3] != big.shape[3]):
+        return False  # a map, channels first: only its last two dimensions follow the input
+    if step.kind == "call_module":
+        module = net.get_submodule(step.call)
+        return type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1), [1, 1])
+    name = step.op.name if step.op is not None else None
+    if name == "adaptive_avg_pool2d":
+        return len(step.args) + len(step.kwargs) == 2 \
+            and argument(step.args, step.kwargs, 1, ("output_size",)) in (1, (1, 1), [1, 1])
+    if name == "mean":
+        dims = argument(step.args, step.kwargs, 1, ("dim",))
+        dims = (dims,) if isinstance(dims, int) else dims
+        return isinstance(dims, (tuple, list)) and len(dims) == 2 \
+            and all(isinstance(d, int) and not isinstance(d, bool) and -4 <= d < 4 for d in dims) \
+            and {d % 4 for d in dims} == {2, 3} and step.kwargs.get("dtype") is None and len(step.args) <= 3
+    return False
+
+
+def _per_position(net: nn.Module, step: Any) -> bool:
+    """Whether a step computes each position from that position alone, whatever the map's size: a 1x1
+    convolution at stride 1, a batch norm, an activation, arithmetic."""
+    if step.kind == "call_module":
+        module = net.get_submodule(step.call)
+        if isinstance(module, nn.Conv2d):
+            return tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1) \
+                and (isinstance(module.padding, str) or tuple(module.padding) == (0, 0))
+        op = module_op(module)
+        return op is not None and (op.head == "elementwise" or op.name == "batch_norm2d")
+    return step.kind in ("call_function", "call_method") and step.op is not None \
+        and step.op.head in ("elementwise", "binary") and step.op.name != "flip"
+
+
+def _check_summaries(net: nn.Module, steps: list, values: list, grown: list, phased: dict[int, int],
+                     stride: int) -> None:
+    """The pools past the removed subsampling (``phased``) feed only per-position layers until their summary
+    meets a map of their own input's size in a binary operation (``scale * x``).
+
+    Made finer, a pool gives a map of summaries, ``(N, C, H, W)``, where it gave ``(N, C, 1, 1)``: what follows
+    it must compute each position alone (each from its own phase's summary) and keep ``(N, C, 1, 1)`` at the
+    native size, and the map it meets must have the pool's input's size and phases.
+
+    Raises:
+        ConversionError: naming the first layer that breaks this.
+    """
+    # summary step -> (phases, the pool's input size at both runs, the pool's name)
+    origin: dict[int, tuple[int, tuple, str]] = {}
+
+    def refuse(step: Any, pool: str, why: str) -> ConversionError:
+        return ConversionError(
+            f"'{_layer_name(net, step)}' ({_op_name(net, step)}) {why} the squeeze-and-excitation pool '{pool}'. "
+            f"At stride {stride} that pool averages each phase of the finer map apart and gives a map of "
+            "summaries, which only per-position layers (1x1 convolutions, activations, arithmetic on "
+            "(N, C, 1, 1) summaries) may carry to where it multiplies the map of its own input's size; convify "
+            "does not refine this network")
+
+    for index, step in enumerate(steps):
+        if index in phased and not _grows(values[index], grown[index]):  # a PhaseAvgPool2d's are maps already
+            source = argument(step.args, step.kwargs, 0, ("input",)).index
+            size = (tuple(values[source].shape[2:]), tuple(grown[source].shape[2:]))
+            origin[index] = (phased[index], size, _layer_name(net, step))
+            continue
+        reads = [i for i in step_refs(step) if i in origin]
+        if not reads:
+            continue
+        pool = origin[reads[0]][2]
+        if len({origin[i][:2] for i in reads}) > 1:
+            raise refuse(step, pool, "mixes summaries of maps of other sizes or strides, among them")
+        size = origin[reads[0]][1]
+        if not _grows(values[index], grown[index]) and not _per_position(net, step):
+            raise refuse(step, pool, "follows")
+        vector = next((values[i] for i in reads if not _is_summary(values[i], grown[i])), None)
+        if vector is not None:
+            raise refuse(step, pool, f"reads {tuple(vector.shape)}, not an (N, C, 1, 1) summary, from")
+        if _grows(values[index], grown[index]):  # where the summary meets the map: scale * x
+            maps = [i for i in step_refs(step) if _grows(values[i], grown[i])]
+            if not (step.kind in ("call_function", "call_method") and step.op is not None
+                    and step.op.head == "binary"
+                    and all(values[i].ndim == 4 and (tuple(values[i].shape[2:]), tuple(grown[i].shape[2:])) == size
+                            for i in maps)):
+                raise refuse(step, pool, "is not an elementwise product (or sum) with a map of the size of the "
+                                         "input of")
+            continue
+        if not _is_summary(values[index], grown[index]):
+            value = values[index]
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise refuse(step, pool, f"gives {shape}, not an (N, C, 1, 1) summary, after")
+        origin[index] = origin[reads[0]]
+
+
+def _phase_pool(net: nn.Module, steps: list, index: int, r: int, description: dict, tensors: dict) -> Rewrite:
+    """Make the pool ``steps[index]`` a :class:`~convify.layers.PhaseAvgPool2d` of ``r x r`` phases in
+    ``description`` (a function call becomes a layer at a new path); what convify says it changed."""
+    step = steps[index]
+    module = net.get_submodule(step.call) if step.kind == "call_module" else None
+    if isinstance(module, PhaseAvgPool2d):  # made finer before: phases within phases
+        phases = (module.phases[0] * r, module.phases[1] * r)
+        if max(phases) > PhaseAvgPool2d.MAX_PHASES:
+            raise ConversionError(f"'{step.call}' would average {phases[0]}x{phases[1]} phases; convify allows "
+                                  f"{PhaseAvgPool2d.MAX_PHASES} per axis")
+        description["modules"][step.call] = _module_spec(PhaseAvgPool2d(phases), step.call)
+        return Rewrite(step.call, f"the mean of each of {module.phases[0]}x{module.phases[1]} phases",
+                       f"the mean of each of {phases[0]}x{phases[1]} phases")
+    after = f"PhaseAvgPool2d: the mean of each of {r}x{r} phases"
+    if module is not None:
+        description["modules"][step.call] = _module_spec(PhaseAvgPool2d(r), step.call)
+        return Rewrite(step.call, f"{type(module).__name__}: the mean of the map", after)
+    path = _free_path(description, tensors, step.name)
+    description["modules"][path] = _module_spec(PhaseAvgPool2d(r), path)
+    source = argument(step.args, step.kwargs, 0, ("input",))
+    node = next(n for n in description["nodes"] if n["name"] == step.name)
+    node.update(op="call_module", target=path, args={"tuple": [{"node": steps[source.index].name}]},
+                kwargs={"dict": []})
+    return Rewrite(path, f"{step.op.name if step.op is not None else step.call}: the mean of the map", after)
+
+
+def _free_path(description: dict, tensors: dict, name: str) -> str:
+    """A layer path for a function call made a layer: its node's name where no layer, tensor or attribute of
+    the loaded network has it, else ``phase_pool_<k>``."""
+    taken = {path.split(".")[0] for path in [*description["modules"], *tensors]}
+    reserved = set(dir(StoredGraph)) | {"description", "training"}
+    for candidate in [name, *(f"phase_pool_{k}" for k in range(len(taken) + 2))]:
+        if len(candidate) <= 100 and not candidate.startswith("_") and candidate not in taken \
+                and candidate not in reserved:
+            return candidate
+    raise AssertionError("unreachable: more candidates than taken names")
 
 
 def _window(net: nn.Module, step: Any, values: list) -> Optional[tuple]:

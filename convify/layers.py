@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "overhang"]
+__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "overhang"]
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -131,3 +131,48 @@ class FinerPool2d(nn.Module):
 
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class PhaseAvgPool2d(nn.Module):
+    """The global average pool of each phase of a map, as a finer output stride (:mod:`convify.finer`) needs it.
+
+    At a finer stride the map after a removed subsampling interleaves ``r x r`` phases: the sub-grid
+    ``x[:, :, a::r, b::r]`` is what the original network computed for the image shifted by ``(a, b)`` finer
+    strides. A global average pool there (squeeze-and-excitation) must average each phase over itself alone,
+    as the original did; this layer does, and gives every position its own phase's mean, so the layers that
+    follow it (the SE block's 1x1 convolutions and activations) and the ``scale * x`` that multiplies it back
+    in run unchanged: position ``(i, j)`` is scaled by the summary of phase ``(i % r, j % r)``.
+
+    ``phases``: ``r`` per axis (an int, or ``(rows, columns)``). With ``phases=1`` it is
+    ``nn.AdaptiveAvgPool2d(1)`` expanded to the map's size. A phase with no position in the map (``r`` larger
+    than the map) is never computed.
+
+    ``(N, C, H, W) -> (N, C, H, W)``: ``out[:, :, i, j] = x[:, :, i % r_h::r_h, j % r_w::r_w].mean((2, 3))``.
+    """
+
+    # A phase count is a ratio of two strides; a stride is at most the native input size (convify.limits).
+    MAX_PHASES = 4096
+
+    def __init__(self, phases: Any) -> None:
+        super().__init__()
+        pair = (phases, phases) if not isinstance(phases, (tuple, list)) else tuple(phases)
+        if len(pair) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= self.MAX_PHASES
+                                     for r in pair):
+            raise ValueError(f"phases must be an integer from 1 to {self.MAX_PHASES}, or a pair of them; "
+                             f"got {str(phases)[:40]}")
+        self.phases: tuple[int, int] = pair  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, C, H, W)``, each position its phase's mean."""
+        n, c, h, w = x.shape
+        # phases past the map's end have no position (at least 1: an empty map gives an empty map)
+        rh, rw = max(1, min(self.phases[0], h)), max(1, min(self.phases[1], w))
+        if rh == rw == 1:  # one phase: the global mean, in memory of its own (a layer after may work in place)
+            return F.adaptive_avg_pool2d(x, 1).expand(n, c, h, w).contiguous()
+        rows, cols = -(-h // rh), -(-w // rw)
+        padded = F.pad(x, (0, cols * rw - w, 0, rows * rh - h))  # zeros: they add nothing to a phase's sum
+        sums = padded.reshape(n, c, rows, rh, cols, rw).sum((2, 4))  # (N, C, rh, rw)
+        count_h = torch.div(torch.arange(h - 1, h - 1 - rh, -1, device=x.device), rh, rounding_mode="floor") + 1
+        count_w = torch.div(torch.arange(w - 1, w - 1 - rw, -1, device=x.device), rw, rounding_mode="floor") + 1
+        means = sums / (count_h[:, None] * count_w[None, :]).to(sums.dtype)
+        return means.repeat(1, 1, rows, cols)[:, :, :h, :w]

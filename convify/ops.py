@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FinerPool2d, PointwiseConv2d, WindowLinear
+from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, WindowLinear
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
            "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES"]
@@ -170,6 +170,8 @@ _TABLE: tuple[Op, ...] = (
     Op("mean", (), (torch.mean,), ("mean",), pool="avg"),
     Op("amax", (), (torch.amax,), ("amax",), pool="max"),
     Op("sum", (), (torch.sum,), ("sum",)),
+    # each phase of a finer map averaged apart (convify.finer): the map's size, but not per position
+    Op("phase_avg_pool2d", (PhaseAvgPool2d,)),
     # -- per position ------------------------------------------------------------------------------
     Op("linear", (nn.Linear,), (F.linear,), local=True, head="linear"),
     Op("batch_norm2d", (nn.BatchNorm2d,), local=True, head="module"),

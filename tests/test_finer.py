@@ -12,11 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import convify
 from convify import ConversionError, ConvifyError
 from convify.finer import finer_cost, finer_stride
+from convify.layers import PhaseAvgPool2d
 from convify.tiling import stream_refusal, tiled_map
 from test_fcn import _edit_header
 from test_tiling import Squeeze
@@ -71,6 +74,48 @@ class CeilAtTheEnd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(F.relu(self.conv(x))).mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation as torchvision writes it: pool, 1x1 conv, ReLU, 1x1 conv, sigmoid, multiply."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, 4, 1)
+        self.fc2 = nn.Conv2d(4, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(x)))))
+
+
+class TinySE(nn.Module):
+    """Stride 4 with squeeze-and-excitation on both sides of each subsampling: ``se0`` between the two strided
+    convolutions, ``se1`` after them, then two more written as calls (``F.adaptive_avg_pool2d(x, 1)``, and
+    ``x.mean((2, 3), keepdim=True)`` with arithmetic on the summary before it multiplies the map back in).
+    Stride 2 cuts at ``down`` (``se0`` before the cut, unchanged); stride 1 also at ``stem``. Native size 32:
+    the map before the mean is 8x8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.se0 = SqueezeExcite(8)
+        self.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.se1 = SqueezeExcite(12)
+        self.conv = nn.Conv2d(12, 12, 3, padding=1)
+        self.fc1 = nn.Conv2d(12, 4, 1)
+        self.fc2 = nn.Conv2d(4, 12, 1)
+        self.fc = nn.Linear(12, NUM_CLASSES)
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """From ``down``'s output to the map the head averages."""
+        x = F.relu(self.conv(self.se1(F.relu(x))))
+        x = x * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return x + x * torch.sigmoid(x.mean((2, 3), keepdim=True) * 2.0 - 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(self.se0(F.relu(self.stem(x))))
+        return self.fc(self.tail(x).mean((2, 3)))
 
 
 def _run(fcn: convify.FullyConvNet, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +224,8 @@ def test_finer_networks_save_load_and_stream(tmp_path: Path) -> None:
 
 
 def test_what_cannot_be_made_finer_is_refused_with_the_reason() -> None:
-    with pytest.raises(ConversionError, match="see the whole map"):
-        finer_stride(_small(Squeeze(), 32), 1)
+    with pytest.raises(ConversionError, match="'gate' \\(Linear\\) follows the squeeze-and-excitation pool 'mean'"):
+        finer_stride(_small(Squeeze(), 32), 1)  # its summary goes through a flatten-like mean and a Linear
     with pytest.raises(ConversionError, match="'pool' is a ceil-mode pool past the first subsampling"):
         finer_stride(_small(CeilAtTheEnd(), 32), 1)
     coarse = _small(PaddedNet(), 24)
@@ -247,3 +292,168 @@ def test_crafted_finer_layers_in_a_file_are_refused(tmp_path: Path, attack) -> N
         loaded = convify.load(path)
         with torch.inference_mode():
             loaded(torch.zeros(1, 3, 64, 64))
+
+
+# ---- squeeze-and-excitation: pooled per phase ----------------------------------------------------------
+
+
+def _phase_means(x: torch.Tensor, phases: tuple[int, int]) -> torch.Tensor:
+    """The naive reference: every position, the mean of the positions of its phase."""
+    (rh, rw), out = phases, torch.empty_like(x)
+    for i in range(x.shape[2]):
+        for j in range(x.shape[3]):
+            out[:, :, i, j] = x[:, :, i % rh::rh, j % rw::rw].mean((2, 3))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 11), w=st.integers(1, 11),
+       phases=st.one_of(st.integers(1, 14), st.tuples(st.integers(1, 14), st.integers(1, 14))),
+       seed=st.integers(0, 2 ** 16))
+def test_phase_pool_is_the_mean_of_each_phase(n: int, c: int, h: int, w: int, phases, seed: int) -> None:
+    """Against a loop over positions, phases larger than the map included (each row or column its own)."""
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pair = phases if isinstance(phases, tuple) else (phases, phases)
+    out = PhaseAvgPool2d(phases)(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, _phase_means(x, pair))
+    if pair == (1, 1) or (h == 1 and w == 1):  # one phase: the global average pool, broadcast
+        torch.testing.assert_close(out, F.adaptive_avg_pool2d(x, 1).expand_as(x))
+
+
+def test_phase_pool_arguments_and_devices() -> None:
+    assert PhaseAvgPool2d(3).phases == (3, 3) and PhaseAvgPool2d([2, 5]).phases == (2, 5)
+    for bad in (0, -1, 10 ** 9, PhaseAvgPool2d.MAX_PHASES + 1, True, 2.0, "2", [2, 2, 2], (2,), (2, "2"), None):
+        with pytest.raises(ValueError, match="phases must be an integer"):
+            PhaseAvgPool2d(bad)
+    with torch.device("meta"):  # the loader's dry run
+        assert PhaseAvgPool2d(2)(torch.empty(2, 3, 7, 5)).shape == (2, 3, 7, 5)
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float16)
+    assert PhaseAvgPool2d(2)(x).dtype == torch.float16
+    # a layer after it may work in place, also where it has a single phase
+    assert torch.relu_(PhaseAvgPool2d(4)(torch.randn(1, 2, 1, 1))).shape == (1, 2, 1, 1)
+
+
+def test_squeeze_excitation_is_pooled_per_phase_after_the_cut() -> None:
+    """The pools before the cut stay global pools; after it they average 2x2 (stride 2) or 4x4 (stride 1)
+    phases; the geometry still says the network has global context; the cells at the original positions are
+    the original's. (tests/test_finer_stitch.py checks every cell against shift-and-stitch.)"""
+    coarse = _small(TinySE(), 32)
+    assert not coarse.geometry.local
+    x = torch.randn(1, 3, 70, 83, generator=torch.Generator().manual_seed(6))
+    for stride, layers in [(2, {"se0.pool": None, "se1.pool": (2, 2), "adaptive_avg_pool2d": (2, 2),
+                                "mean": (2, 2)}),
+                           (1, {"se0.pool": (2, 2), "se1.pool": (4, 4), "adaptive_avg_pool2d": (4, 4),
+                                "mean": (4, 4)})]:
+        fine = finer_stride(coarse, stride)
+        r = 4 // stride
+        for path, phases in layers.items():
+            layer = fine.net.get_submodule(path)
+            assert (layer.phases if isinstance(layer, PhaseAvgPool2d) else None) == phases, path
+        assert fine.geometry.global_context == coarse.geometry.global_context and not fine.geometry.local
+        assert sum("PhaseAvgPool2d" in str(rewrite) for rewrite in fine.rewrites) == sum(map(bool, layers.values()))
+        out = _run(fine, x)
+        assert tuple(out.shape[2:]) == fine.output_size(70, 83)
+        torch.testing.assert_close(out[:, :, ::r, ::r], _run(coarse, x), rtol=1e-4, atol=1e-5)
+    # made finer twice: the phases multiply, to the same network
+    twice = finer_stride(finer_stride(coarse, 2), 1)
+    assert twice.net.get_submodule("se1.pool").phases == (4, 4)
+    torch.testing.assert_close(_run(twice, x), _run(finer_stride(coarse, 1), x), rtol=1e-6, atol=1e-6)
+
+
+def test_finer_squeeze_excitation_networks_save_and_load(tmp_path: Path) -> None:
+    coarse = _small(TinySE(), 32)
+    fine = finer_stride(coarse, 1)
+    loaded = convify.load(fine.save(tmp_path / "fine.fcn.pt"))
+    assert loaded.geometry == fine.geometry and loaded.rewrites == fine.rewrites
+    assert isinstance(loaded.net.get_submodule("mean"), PhaseAvgPool2d)  # a call made a layer
+    assert loaded.net.get_submodule("se1.pool").phases == (4, 4)
+    x = torch.randn(1, 3, 61, 90, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(_run(loaded, x), _run(fine, x), rtol=0, atol=0)
+    # a loaded coarse network refines to the same network; a loaded finer one refines further
+    again = finer_stride(convify.load(coarse.save(tmp_path / "coarse.fcn.pt")), 1)
+    torch.testing.assert_close(_run(again, x), _run(fine, x), rtol=0, atol=0)
+    half = convify.load(finer_stride(coarse, 2).save(tmp_path / "half.fcn.pt"))
+    torch.testing.assert_close(_run(finer_stride(half, 1), x), _run(fine, x), rtol=1e-6, atol=1e-6)
+    # global context: never tiled into pieces
+    assert "global context" in (stream_refusal(loaded) or "")
+
+
+def _phase_pool_spec(header: dict) -> dict:
+    return next(spec for spec in header["graph"]["modules"].values() if spec["class"] == "PhaseAvgPool2d")
+
+
+@pytest.mark.parametrize("phases", [0, -2, 10 ** 9, PhaseAvgPool2d.MAX_PHASES + 1, True, 2.5, "2",
+                                    "__import__('os').system('touch pwned')", [2, 2, 2], {"tuple": [2, 2, 2]},
+                                    {"tuple": [0, 2]}, {"tuple": [2, {"tuple": [2, 2]}]}, None, {"dict": []}],
+                         ids=["zero", "negative", "huge", "over-max", "bool", "float", "string", "code", "list-of-3",
+                              "tuple-of-3", "zero-in-pair", "nested", "none", "dict"])
+def test_crafted_phase_pools_in_a_file_are_refused(tmp_path: Path, phases, monkeypatch) -> None:
+    """A PhaseAvgPool2d's ``phases`` from a file is hostile input: one clean ModelLoadError, nothing run."""
+    monkeypatch.chdir(tmp_path)
+    fine = finer_stride(_small(TinySE(), 32), 2)
+    path = _edit_header(fine.save(tmp_path / "fine.fcn.pt"),
+                        lambda h: _phase_pool_spec(h)["kwargs"].update(phases=phases), tmp_path / "evil.fcn.pt")
+    with pytest.raises(convify.ModelLoadError, match="PhaseAvgPool2d|beyond|argument"):
+        convify.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _AfterTheCut(nn.Module):
+    """A strided stem (the cut at stride 1), then ``middle``, then a global-average-pool head."""
+
+    def __init__(self, middle: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.middle = middle
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.middle(F.relu(self.stem(x))).mean((2, 3)))
+
+
+class _SpatialGate(nn.Module):
+    """A summary through a 3x3 convolution: at a finer stride it would read the other phases' summaries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.mix(self.pool(x)))
+
+
+class _MaxGate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(F.adaptive_max_pool2d(x, 1))
+
+
+class _ViewGate(nn.Module):
+    """A summary through a flatten and a Linear (as timm's older SE blocks): not per position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc(self.pool(x).flatten(1))).view(x.shape[0], 8, 1, 1)
+
+
+@pytest.mark.parametrize("middle, message", [
+    (nn.GroupNorm(2, 8), "see the whole map \\(middle\\)"),
+    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), "see the whole map \\(middle\\)"),
+    (_MaxGate(), "see the whole map \\(adaptive_max_pool2d\\)"),
+    (nn.Sequential(SqueezeExcite(8), nn.GroupNorm(2, 8)), "see the whole map \\(middle.1\\)"),
+    (_SpatialGate(), "'middle.mix' \\(Conv2d\\) follows the squeeze-and-excitation pool 'middle.pool'"),
+    (_ViewGate(), "'flatten' \\(flatten\\) follows the squeeze-and-excitation pool 'middle.pool'"),
+], ids=["group-norm", "circular-padding", "max-pool-gate", "se-and-group-norm", "3x3-conv-gate", "linear-gate"])
+def test_other_global_context_is_still_refused(middle: nn.Module, message: str) -> None:
+    """Global context after the cut that is not a squeeze-and-excitation average pool feeding per-position
+    layers: refused at a finer stride, with the layer's name; the coarse network converts as before."""
+    coarse = _small(_AfterTheCut(middle), 16)
+    assert not coarse.geometry.local
+    with pytest.raises(ConversionError, match=message):
+        finer_stride(coarse, 1)
+    assert finer_stride(_small(_AfterTheCut(SqueezeExcite(8)), 16), 1).geometry.stride == 1
