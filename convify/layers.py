@@ -27,40 +27,69 @@ class PointwiseConv2d(nn.Conv2d):
         return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
 
 
-# Output positions up to which WindowLinear unfolds its windows and runs them through the Linear (beyond,
-# a convolution). Measured on 2 CPU cores, 2 threads (VGG16's 7x7x512 -> 4096 and AlexNet's 6x6x256 -> 4096
-# heads): unfold + linear is 3.0x / 1.9x faster at 6x6 positions, 1.2x / 1.1x at 16x16, 0.88x / 0.90x at 32x32.
-UNFOLD_POSITIONS = 512
+# Output positions (over the batch) up to which WindowLinear computes in its "unfold" form; beyond, "conv".
+# Measured with benchmarks/head_forms.py (2 CPU cores, 2 threads; VGG16's 7x7x512 -> 4096 and AlexNet's
+# 6x6x256 -> 4096 heads, maps of 224 to 1024 px at strides 32 and 16): unfold + linear is 2.5x to 8x faster
+# than the convolution up to 10x10 positions, 1.2x to 1.3x at 26x26, and about even at 51x51, where its
+# buffer of unfolded windows (positions x C*kh*kw floats) reaches 260 MB. The cap keeps that buffer under
+# about 100 MB (VGG16) in the range where unfolding is clearly the faster form.
+UNFOLD_POSITIONS = 1024
 
 
 class WindowLinear(nn.Conv2d):
     """The first ``Linear`` of a flattening head, applied to every ``kernel x kernel`` window of the map.
 
-    It is an ``nn.Conv2d`` (weight ``(out, C, kh, kw)``: the Linear's columns in ``(C, H, W)`` order), and on
-    maps of up to :data:`UNFOLD_POSITIONS` output positions it computes as what it replaces: the windows
-    unfolded into ``(positions, C * kh * kw)`` rows and run through ``F.linear``. That is the kernel the
-    original ran (at the native size the result is bit for bit the original's) and, on the small maps a head
-    sees, 1.2x to 3x faster than a convolution, which re-lays out a 400 MB weight on every call; on larger
-    maps the convolution is faster and is used. ``stride`` and ``dilation`` are honoured (finer strides).
+    It is an ``nn.Conv2d`` (weight ``(out, C, kh, kw)``: the Linear's columns in ``(C, H, W)`` order) with two
+    exact ways to compute (:attr:`FORMS`, chosen per call by :meth:`form_for`):
+
+    - ``"unfold"``: the windows unfolded into ``(positions, C * kh * kw)`` rows and run through ``F.linear``,
+      the kernel the original ``Linear`` ran (at the native size the result is bit for bit the original's).
+      On the maps a head sees it is the faster form: a CPU convolution re-lays out the weight (400 MB for
+      VGG16) on every call.
+    - ``"conv"``: ``F.conv2d``, for maps of more than :data:`UNFOLD_POSITIONS` output positions, where the
+      unfolded windows would take more memory than the re-laid-out weight saves time.
+
+    A third form, the sum over the ``kh * kw`` taps of a shifted view times that tap's weight, is measured by
+    ``benchmarks/head_forms.py`` and is never the fastest (2x to 3x slower than unfolding even with its weight
+    laid out in advance), so it is not offered. ``stride`` and ``dilation`` are honoured (finer strides).
 
     ``(N, C, H, W) -> (N, out, H', W')``, ``H' = (H + 2 * padding - dilation * (kh - 1) - 1) // stride + 1``.
     """
+
+    FORMS = ("unfold", "conv")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
                          bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W) -> (N, out, H', W')``."""
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H', W')`` for an input of ``height x width`` (either may be below 1: no window fits)."""
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        rows = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        cols = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if rows < 1 or cols < 1 or rows * cols > UNFOLD_POSITIONS or self.padding_mode != "zeros":
+        return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def form_for(self, batch: int, height: int, width: int) -> str:
+        """The form :meth:`forward` uses on a ``(batch, C, height, width)`` input."""
+        rows, cols = self.output_size(height, width)
+        if rows < 1 or cols < 1 or batch * rows * cols > UNFOLD_POSITIONS or self.padding_mode != "zeros" \
+                or isinstance(self.padding, str):
+            return "conv"
+        return "unfold"
+
+    def compute(self, x: torch.Tensor, form: str) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, out, H', W')`` in the given form (see :attr:`FORMS`); all give the same map."""
+        if form == "conv":
             return super().forward(x)
+        if form != "unfold":
+            raise ValueError(f"form must be one of {', '.join(self.FORMS)}; got {str(form)[:20]!r}")
+        rows, cols = self.output_size(x.shape[2], x.shape[3])
         windows = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
         out = F.linear(windows.transpose(1, 2), self.weight.flatten(1), self.bias)  # (N, L, out)
         return out.transpose(1, 2).reshape(x.shape[0], self.out_channels, rows, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, out, H', W')``, in the form :meth:`form_for` picks."""
+        return self.compute(x, self.form_for(*x.shape[:1], *x.shape[2:]))
 
 
 def overhang(n: int, k: int, pad: int, d: int, stride: int) -> int:

@@ -11,6 +11,7 @@ from torch import nn
 
 import convify
 from convify import ConversionError
+from convify.layers import PointwiseConv2d, WindowLinear
 
 TORCHVISION_ZOO = [
     "alexnet", "vgg11_bn", "vgg16", "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
@@ -18,6 +19,7 @@ TORCHVISION_ZOO = [
     "shufflenet_v2_x0_5", "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf",
     "googlenet", "inception_v3", "convnext_tiny",
 ]
+FLATTENING_HEADS = {"alexnet", "vgg11_bn", "vgg16"}  # a Linear over the flattened map: WindowLinear
 TIMM_ZOO = ["resnet18", "efficientnet_lite0", "mobilenetv3_large_100", "convnext_atto", "vgg11"]
 NUM_CLASSES = 7
 convert_module = importlib.import_module("convify.convert")
@@ -53,10 +55,25 @@ def test_zoo_equals_original_at_native_size_and_maps_follow_geometry(source, nam
     assert_equivalent(model, fcn, torch.randn(1, 3, size, size))
     # a larger, non-square input: the map has the size the geometry predicts
     height, width = size + 40, size + 96
+    heads = [m for m in fcn.net.modules() if isinstance(m, (WindowLinear, PointwiseConv2d))]
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0]))) for m in heads]
     with torch.no_grad():
         maps = fcn(torch.randn(1, 3, height, width))
+    for hook in hooks:
+        hook.remove()
     assert tuple(maps.shape[2:]) == fcn.geometry.output_size(height, width)
     assert maps.shape[:2] == (1, NUM_CLASSES)
+    # every form of the head's layers gives the KxK (or 1x1) convolution's numbers on the map they saw
+    assert any(isinstance(m, WindowLinear) for m in heads) == (name in FLATTENING_HEADS)
+    assert len(seen) == len(heads)  # each ran once
+    with torch.no_grad():
+        for layer, features in seen:
+            expected = F.conv2d(features, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+            forms = {form: layer.compute(features, form) for form in WindowLinear.FORMS} \
+                if isinstance(layer, WindowLinear) else {"matmul": layer(features)}
+            for form, out in forms.items():
+                torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{form}: {m}")
 
 
 def test_vgg16_at_384_gives_6x6_at_stride_32():

@@ -26,6 +26,17 @@ def test_window_linear_is_the_convolution_in_both_forms(stride: int, dilation: i
     assert positions[0][1] ** 2 <= layers.UNFOLD_POSITIONS < positions[1][1] ** 2  # both forms ran
 
 
+def test_window_linear_unfolds_up_to_its_position_cap_and_convolves_beyond() -> None:
+    head = WindowLinear(4, 6, 3)
+    side = int(layers.UNFOLD_POSITIONS ** 0.5)  # a side x side map of outputs: at the cap
+    assert head.form_for(1, side + 2, side + 2) == "unfold"
+    assert head.form_for(1, side + 3, side + 3) == "conv" and head.form_for(2, side + 2, side + 2) == "conv"
+    assert head.form_for(1, 2, 9) == "conv"  # no window fits: the convolution says so
+    assert head.form_for(1, 3, 3) == "unfold" and head.output_size(3, 3) == (1, 1)
+    with pytest.raises(ValueError, match="form must be one of unfold, conv"):
+        head.compute(torch.zeros(1, 4, 3, 3), "taps")
+
+
 @pytest.mark.parametrize("name", ["alexnet", "vgg11"])
 def test_zoo_flattening_heads_are_window_linears_and_exact(name: str) -> None:
     """At the native size the head computes as the original Linear did: the same numbers, bit for bit."""
