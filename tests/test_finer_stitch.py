@@ -215,17 +215,31 @@ def test_vgg16(stride: int, shape: tuple[int, int]) -> None:
     check_everywhere(model, 224, stride, _image(*shape, seed=2), reference, convert_check=False)
 
 
-def test_resnet50_at_stride_16() -> None:
-    """The removed subsampling is layer4[0]: its 3x3 conv2 and its downsample's 1x1 conv both at stride 1 give
-    the block's full-resolution output; layer4[1:] and the pooled head run on each phase (7x7 at 224 px)."""
+def _unstrided(block: nn.Module) -> nn.Module:
+    """A copy of a torchvision Bottleneck that subsamples, at stride 1: its 3x3 conv2 and its downsample's 1x1
+    conv (the original weights)."""
+    block = copy.deepcopy(block)
+    block.conv2.stride, block.downsample[0].stride = (1, 1), (1, 1)
+    return block
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_resnet50(stride: int) -> None:
+    """The removed subsamplings are layer4[0] and, for stride 8, layer3[0]: each block at stride 1 gives its
+    full-resolution output. layer4[1:] and the pooled head (7x7 at 224 px) run on each phase; for stride 8,
+    layer3[1:] and layer4[0] run on each phase of the first cut, then layer4[0]'s map is split again."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=NUM_CLASSES).eval()
     m = model
-    block = copy.deepcopy(m.layer4[0])
-    block.conv2.stride, block.downsample[0].stride = (1, 1), (1, 1)
-    prefix = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3)
-    reference = lambda x: stitch(block(prefix(x)), lambda p: by_average(m.layer4[1:](p), 7, m.fc))  # noqa: E731
-    check_everywhere(model, 224, 16, _image(291, 325, seed=3), reference, convert_check=False)
+    head = lambda p: by_average(m.layer4[1:](p), 7, m.fc)  # noqa: E731
+    prefix = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2)
+    if stride == 16:
+        reference = lambda x: stitch(_unstrided(m.layer4[0])(m.layer3(prefix(x))), head)  # noqa: E731
+    else:
+        fourth = _unstrided(m.layer4[0])
+        reference = lambda x: stitch(_unstrided(m.layer3[0])(prefix(x)),  # noqa: E731
+                                     lambda p: stitch(fourth(m.layer3[1:](p)), head))
+    check_everywhere(model, 224, stride, _image(291, 325, seed=3), reference, convert_check=False)
 
 
 def test_mobilenet_v3_small_at_stride_16_with_squeeze_excitation_per_phase() -> None:
