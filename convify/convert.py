@@ -662,17 +662,47 @@ _HEAD_RULES = {
 
 
 def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
-    """Every operation must be one convify can describe, save and load (the table in :mod:`convify.ops`)."""
+    """Every operation must be one convify can describe, save and load (the table in :mod:`convify.ops`).
+
+    An unknown operation that is attention (:func:`_attention_layer`) is refused as attention, naming the layer.
+    """
     found = unsupported_node(gm)
     if found is None:
         return
     node, what = found
-    where = f"'{_node_label(node)}' ({what})"
-    if "attention" in what.lower():
-        raise ConversionError(f"{where} is attention, which mixes positions in ways no convolution expresses; "
-                              "attention and token-mixing models (ViT, Swin) cannot be made fully convolutional")
-    raise ConversionError(f"{where} is an operation convify does not support; models built from torch.nn "
-                          "layers and standard tensor functions convert")
+    layer = _attention_layer(gm, node)
+    if "attention" in what.lower() or layer is not None:
+        where = f"{layer} computes '{_node_label(node)}' ({what}), which" if layer else f"'{_node_label(node)}' ({what})"
+        raise ConversionError(f"{where} is attention: it mixes positions by weights computed from the image, "
+                              "which no convolution expresses; attention models (BotNet, HaloNet, LambdaNet, ViT, "
+                              "Swin) cannot be made fully convolutional")
+    raise ConversionError(f"'{_node_label(node)}' ({what}) is an operation convify does not support; models built "
+                          "from torch.nn layers and standard tensor functions convert")
+
+
+# Products of two tensors: attention's queries times keys and weights times values.
+_PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm", "scaled_dot_product_attention"}
+
+
+def _attention_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """``'path' (Class)`` of the attention layer an unknown operation belongs to, or None if it is not attention.
+
+    It is attention when a layer around it (torch.fx's ``nn_module_stack``) is named for attention
+    (``...Attn``, ``...Attention``, ``Lambda...``), or when it multiplies two tensors computed from the image
+    (not a weight): the innermost layer around it is then named.
+    """
+    layers = []
+    for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+        layers.append((str(path), kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1]))
+    for path, name in reversed(layers):
+        lower = name.lower()
+        if "attn" in lower or "attention" in lower or lower.startswith("lambda"):
+            return f"'{path}' ({name})"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    computed = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node) and a.op != "get_attr"]
+    if target.strip("_") in _PRODUCTS and len(computed) >= 2:
+        return f"'{layers[-1][0]}' ({layers[-1][1]})" if layers else f"'{node.name}'"
+    return None
 
 
 def _eliminate_dead_code(graph: fx.Graph) -> None:

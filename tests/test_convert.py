@@ -257,6 +257,56 @@ def test_swin_is_refused():
         convify.convert(swin, input_size=64)
 
 
+@pytest.mark.parametrize("name, layer", [("botnet26t_256", "'stages.2.1.self_attn' (BottleneckAttn)"),
+                                         ("halonet26t", "'stages.2.1.self_attn' (HaloAttn)"),
+                                         ("lambda_resnet26t", "'stages.2.1.self_attn' (LambdaLayer)")])
+def test_attention_in_the_body_is_refused_as_attention_naming_the_layer(name: str, layer: str) -> None:
+    model = timm.create_model(name, num_classes=NUM_CLASSES).eval()
+    with pytest.raises(ConversionError) as refused:
+        convify.convert(model, input_size=256, check=False)
+    message = str(refused.value)
+    assert message.startswith(layer + " computes ") and "is attention" in message, message
+
+
+class Mixer(nn.Module):
+    """Self-attention under a name that does not say so: queries times keys, softmax, times values."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)  # (N, C, HW) each
+        weights = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (N, HW, HW)
+        return (v @ weights.transpose(1, 2)).reshape(n, c, h, w)
+
+
+class WeightProduct(nn.Module):
+    """A product with a weight (a Linear written as ``@``): unsupported, but not attention."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.permute(0, 2, 3, 1) @ self.weight).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("body, message", [
+    (Mixer, r"^'body\.1' \(Mixer\) computes 'matmul' \(_operator\.matmul\), which is attention: it mixes positions"),
+    (WeightProduct, r"^'matmul' \(_operator\.matmul\) is an operation convify does not support"),
+])
+def test_a_product_of_two_maps_is_attention_and_a_product_with_a_weight_is_not(body, message) -> None:
+    model = nn.Sequential()
+    model.add_module("body", nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), body(8)))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(8, 3))
+    with pytest.raises(ConversionError, match=message):
+        convify.convert(model.eval(), input_size=32, check=False)
+
+
 class TokenMixingHead(nn.Module):
     """A head that mixes positions: a Linear over the flattened spatial positions of each channel."""
 
