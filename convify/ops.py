@@ -170,6 +170,8 @@ _TABLE: tuple[Op, ...] = (
     Op("mean", (), (torch.mean,), ("mean",), pool="avg"),
     Op("amax", (), (torch.amax,), ("amax",), pool="max"),
     Op("sum", (), (torch.sum,), ("sum",)),
+    # a vector norm; over the map's positions (ConvNeXt-V2's GRN) it is global context, like SE's pool
+    Op("norm", (), (torch.norm, torch.linalg.vector_norm), ("norm",)),
     # each phase of a finer map averaged apart (convify.finer): the map's size, but not per position
     Op("phase_avg_pool2d", (PhaseAvgPool2d,)),
     # -- per position ------------------------------------------------------------------------------
@@ -215,6 +217,7 @@ _TABLE: tuple[Op, ...] = (
     Op("div", (), (_numeric(operator.truediv), torch.div), ("div",), local=True, head="binary"),
     Op("floordiv", (), (_numeric(operator.floordiv),), local=True, head="binary"),
     Op("maximum", (), (torch.maximum,), local=True, head="binary"),
+    Op("addcmul", (), (torch.addcmul,), ("addcmul",), local=True),  # input + value * a * b, broadcast
     Op("minimum", (), (torch.minimum,), local=True, head="binary"),
     Op("eq", (), (_numeric(operator.eq),), local=True),
     Op("softmax", (nn.Softmax,), (F.softmax, torch.softmax), ("softmax",), local=True, head="dim", dim=(1, None)),

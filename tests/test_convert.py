@@ -20,7 +20,7 @@ TORCHVISION_ZOO = [
     "googlenet", "inception_v3", "convnext_tiny",
 ]
 FLATTENING_HEADS = {"alexnet", "vgg11_bn", "vgg16"}  # a Linear over the flattened map: WindowLinear
-TIMM_ZOO = ["resnet18", "efficientnet_lite0", "mobilenetv3_large_100", "convnext_atto", "vgg11"]
+TIMM_ZOO = ["resnet18", "efficientnet_lite0", "mobilenetv3_large_100", "convnext_atto", "vgg11", "convnextv2_atto"]
 NUM_CLASSES = 7
 convert_module = importlib.import_module("convify.convert")
 
@@ -241,6 +241,17 @@ def test_squeeze_excitation_converts_but_is_recorded_as_not_local():
     assert not fcn.geometry.local
     assert "features.1.block.1.avgpool" in fcn.geometry.global_context
     assert convify.convert(torchvision.models.resnet18(num_classes=NUM_CLASSES)).geometry.local
+
+
+def test_convnext_v2s_global_response_norm_is_global_context_and_round_trips(tmp_path):
+    """GRN divides by the L2 norm over H and W (``x.norm(dim=(1, 2))``): like SE, every cell sees the image."""
+    model = timm.create_model("convnextv2_atto", num_classes=NUM_CLASSES).eval()
+    fcn = convify.convert(model, input_size=224)
+    assert not fcn.geometry.local and "norm" in fcn.geometry.global_context
+    x = torch.randn(1, 3, 256, 288)
+    loaded = convify.load(fcn.save(tmp_path / "v2.fcn.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fcn(x), rtol=0, atol=0)
 
 
 def test_vit_is_refused_with_a_reason():
