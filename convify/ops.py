@@ -232,6 +232,7 @@ _TABLE: tuple[Op, ...] = (
     Op("flatten", (nn.Flatten,), (torch.flatten,), ("flatten",), local=True, head="to_vector"),
     Op("view", (), (), ("view",), local=True, head="to_vector"),
     Op("reshape", (), (torch.reshape,), ("reshape",), local=True, head="to_vector"),
+    Op("reshape_as", (), (), ("reshape_as",), local=True),  # NF-Nets standardise their weights with it
     Op("squeeze", (), (torch.squeeze,), ("squeeze",), local=True, head="to_vector"),
     Op("unsqueeze", (), (torch.unsqueeze,), ("unsqueeze",), local=True),
     Op("permute", (), (torch.permute,), ("permute",), local=True, head="permute"),

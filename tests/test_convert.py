@@ -20,7 +20,8 @@ TORCHVISION_ZOO = [
     "googlenet", "inception_v3", "convnext_tiny",
 ]
 FLATTENING_HEADS = {"alexnet", "vgg11_bn", "vgg16"}  # a Linear over the flattened map: WindowLinear
-TIMM_ZOO = ["resnet18", "efficientnet_lite0", "mobilenetv3_large_100", "convnext_atto", "vgg11", "convnextv2_atto"]
+TIMM_ZOO = ["resnet18", "efficientnet_lite0", "mobilenetv3_large_100", "convnext_atto", "vgg11", "convnextv2_atto",
+            "nf_regnet_b1"]
 NUM_CLASSES = 7
 convert_module = importlib.import_module("convify.convert")
 
