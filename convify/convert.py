@@ -673,7 +673,8 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
     layer = _attention_layer(gm, node)
     if "attention" in what.lower() or layer is not None:
         where = f"{layer} computes '{_node_label(node)}' ({what}), which" if layer else f"'{_node_label(node)}' ({what})"
-        raise ConversionError(f"{where} is attention: it mixes positions by weights computed from the image, "
+        raise ConversionError(f"{where} is attention (or token mixing): it mixes positions by weights computed from "
+                              "the image, "
                               "which no convolution expresses; attention models (BotNet, HaloNet, LambdaNet, ViT, "
                               "Swin) cannot be made fully convolutional")
     raise ConversionError(f"'{_node_label(node)}' ({what}) is an operation convify does not support; models built "

@@ -163,6 +163,8 @@ _TABLE: tuple[Op, ...] = (
     Op("max_pool2d", (nn.MaxPool2d,), (F.max_pool2d,), window=True, pool="max"),
     Op("avg_pool2d", (nn.AvgPool2d,), (F.avg_pool2d,), window=True, pool="avg"),
     Op("finer_pool2d", (FinerPool2d,), window=True),
+    # over a pooled channel vector (ECA's channel attention): not over the map, and not per position
+    Op("conv1d", (nn.Conv1d,), (F.conv1d,)),
     Op("pad", (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), (F.pad,), window=True),
     # -- global pools: the boundary between body and head ------------------------------------------
     Op("adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), (F.adaptive_avg_pool2d,), pool="avg"),

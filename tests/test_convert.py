@@ -255,6 +255,29 @@ def test_convnext_v2s_global_response_norm_is_global_context_and_round_trips(tmp
         torch.testing.assert_close(loaded(x), fcn(x), rtol=0, atol=0)
 
 
+class EfficientChannelAttention(nn.Module):
+    """ECA-Net: a 1-D convolution across the pooled channel vector gates the channels (global context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.gate = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        y = self.gate(x.mean((2, 3)).view(x.shape[0], 1, -1)).sigmoid().view(x.shape[0], -1, 1, 1)
+        return self.fc((x * y).mean((2, 3)))
+
+
+def test_eca_channel_attention_converts_as_global_context(tmp_path):
+    fcn = convify.convert(EfficientChannelAttention().eval(), input_size=32)
+    assert fcn.check["max_abs_diff"] < 1e-6 and not fcn.geometry.local
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(convify.load(fcn.save(tmp_path / "eca.fcn.pt"))(x), fcn(x), rtol=0, atol=0)
+
+
 def test_vit_is_refused_with_a_reason():
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
                                                hidden_dim=16, mlp_dim=32, num_classes=3)
@@ -306,7 +329,8 @@ class WeightProduct(nn.Module):
 
 
 @pytest.mark.parametrize("body, message", [
-    (Mixer, r"^'body\.1' \(Mixer\) computes 'matmul' \(_operator\.matmul\), which is attention: it mixes positions"),
+    (Mixer, r"^'body\.1' \(Mixer\) computes 'matmul' \(_operator\.matmul\), which is attention \(or token mixing\): "
+             r"it mixes positions"),
     (WeightProduct, r"^'matmul' \(_operator\.matmul\) is an operation convify does not support"),
 ])
 def test_a_product_of_two_maps_is_attention_and_a_product_with_a_weight_is_not(body, message) -> None:
