@@ -126,6 +126,62 @@ def convert(model: str, output: Optional[Path], arch: Optional[str], input_size:
     click.echo(f"Wrote {printable(output)}")
 
 
+@cli.command("export")
+@click.argument("model")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
+              help="The ONNX file to write (default: beside MODEL, NAME.onnx).")
+@click.option("--weights", help="A state_dict for MODEL given as an architecture.")
+@click.option("--stride", type=click.IntRange(min=1), help="Export the finer network whose cells are this many "
+              "pixels apart (as convify heatmap --stride).")
+@click.option("--opset", type=click.IntRange(min=1), help="ONNX opset (default: torch's; 18 or later).")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@click.option("--trust-pickle", is_flag=True, help="As for convify convert.")
+def export(model: str, output: Optional[Path], weights: Optional[str], stride: Optional[int], opset: Optional[int],
+           force: bool, trust_pickle: bool) -> None:
+    """Export MODEL to ONNX with dynamic batch, height and width, checked with onnxruntime before it is kept.
+
+    MODEL is a converted file, a model file convify convert accepts, or an architecture (its pretrained
+    weights, or --weights), as for convify heatmap --model. The file maps image (N, 3, H, W) to scores
+    (N, classes, H', W') and holds the geometry, native size, mean/std and class names in its metadata.
+    Needs pip install 'convify[onnx]'.
+
+    Example:
+
+        convify export resnet50.fcn.pt -o resnet50.onnx
+    """
+    from .export import default_check_sizes, export_onnx
+    from .models import network_for
+    from .outputs import check_not_inputs, ensure_directory
+
+    output = output or _default_onnx_output(model)
+    check_not_inputs([output], [model, weights])
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} already exists; use --force to overwrite it")
+    fcn = network_for(model, weights, trust_pickle=trust_pickle)
+    if stride is not None:
+        from .finer import finer_stride
+
+        fcn = finer_stride(fcn, stride)
+    sizes = default_check_sizes(fcn)
+    ensure_directory(output.parent)
+    export_onnx(fcn, output, opset=opset, check_sizes=sizes, force=force)
+    shown = ", ".join(f"{h}x{w}" + (f" (batch {n})" if n > 1 else "") for n, h, w in sizes)
+    click.echo(f"Exported {printable(fcn.meta.arch or 'the network')} (stride {fcn.geometry.stride} px, window "
+               f"{fcn.geometry.window} px) with dynamic batch, height and width"
+               + (f", opset {opset}" if opset else ""))
+    click.echo(f"Checked: onnxruntime equals torch at {shown}")
+    click.echo(f"Wrote {printable(output)}")
+
+
+def _default_onnx_output(model: str) -> Path:
+    """``dir/name.fcn.pt`` -> ``dir/name.onnx``; an architecture name -> ``./name.onnx``."""
+    path = Path(model)
+    if path.is_file():
+        name = path.name.removesuffix(".pt").removesuffix(".pth").removesuffix(".fcn")
+        return path.with_name(f"{name}.onnx")
+    return Path(f"{model.replace(':', '_').replace('/', '_')}.onnx")
+
+
 class _Size(click.ParamType):
     """``auto``, ``none`` or a positive number of pixels."""
 

@@ -115,6 +115,13 @@ class FullyConvNet(nn.Module):
         write_atomic(path, lambda f: torch.save(payload, f))
         return path
 
+    def export_onnx(self, path: Union[str, os.PathLike], *, opset: Optional[int] = None,
+                    check_sizes: Optional[list] = None, force: bool = False) -> Path:
+        """Write the network as an ONNX model, checked with onnxruntime first (:func:`convify.export.export_onnx`)."""
+        from .export import export_onnx
+
+        return export_onnx(self, path, opset=opset, check_sizes=check_sizes, force=force)
+
 
 def is_convify_file(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a file written by :meth:`FullyConvNet.save` (read safely, weights_only).
