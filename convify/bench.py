@@ -165,8 +165,9 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
                 low = _first(fcn(image))
                 seconds = _best(lambda: fcn(image), repeat, where)
             check_finite(low, precision)
+            agreement, diff = _agreement(low, reference)
             rows.append(BenchRow(name, size, precision, h * w, seconds, "float32 dense", dense,
-                                 agreement=_agreement(low, reference)[0], max_diff=_agreement(low, reference)[1]))
+                                 agreement=agreement, max_diff=diff))
         if compiled:
             rows.append(_compiled_row(name, size, fcn, image, reference, dense, repeat, where))
         for stride in strides:

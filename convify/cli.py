@@ -151,7 +151,7 @@ def export(model: str, output: Optional[Path], weights: Optional[str], stride: O
     """
     from .export import default_check_sizes, export_onnx
     from .models import network_for
-    from .outputs import check_not_inputs, ensure_directory
+    from .outputs import check_not_inputs
 
     output = output or _default_onnx_output(model)
     check_not_inputs([output], [model, weights])
@@ -163,7 +163,6 @@ def export(model: str, output: Optional[Path], weights: Optional[str], stride: O
 
         fcn = finer_stride(fcn, stride)
     sizes = default_check_sizes(fcn)
-    ensure_directory(output.parent)
     export_onnx(fcn, output, opset=opset, check_sizes=sizes, force=force)
     shown = ", ".join(f"{h}x{w}" + (f" (batch {n})" if n > 1 else "") for n, h, w in sizes)
     click.echo(f"Exported {printable(fcn.meta.arch or 'the network')} (stride {fcn.geometry.stride} px, window "
