@@ -278,6 +278,24 @@ def test_eca_channel_attention_converts_as_global_context(tmp_path):
         torch.testing.assert_close(convify.load(fcn.save(tmp_path / "eca.fcn.pt"))(x), fcn(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("field, value", [("out_channels", 3_000_000), ("in_channels", 10 ** 12),
+                                          ("kernel_size", 10 ** 9), ("padding_mode", "__import__('os').system('x')"),
+                                          ("groups", 0), ("stride", "1; import os")])
+def test_a_crafted_conv1d_in_a_file_is_refused(tmp_path, field, value, monkeypatch):
+    """The new conv1d layer read from a file is hostile input: a declared size its weights do not have, or an
+    argument that is code, is one ModelLoadError (at load, or for a string argument, which torch's constructor
+    takes apart into characters, at the first run), with nothing allocated and nothing run."""
+    from test_fcn import _edit_header
+
+    monkeypatch.chdir(tmp_path)
+    path = convify.convert(EfficientChannelAttention().eval(), input_size=32).save(tmp_path / "eca.fcn.pt")
+    evil = _edit_header(path, lambda h: h["graph"]["modules"]["gate"]["kwargs"].update({field: value}),
+                        tmp_path / "evil.fcn.pt")
+    with pytest.raises(convify.ModelLoadError):
+        convify.load(evil)(torch.randn(1, 3, 32, 32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eca.fcn.pt", "evil.fcn.pt"]
+
+
 def test_vit_is_refused_with_a_reason():
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
                                                hidden_dim=16, mlp_dim=32, num_classes=3)
