@@ -138,8 +138,8 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
             raise ConvifyError(f"the size {size} px is smaller than the network's {g.min_input_size()} px")
         image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(where)
         h, w = g.output_size(size, size)
-        boxes = [g.cell_box(i, j) for i in range(h) for j in range(w) if g.cell_box(i, j)[2] <= size
-                 and g.cell_box(i, j)[3] <= size]
+        boxes = [box for box in (g.cell_box(i, j, (size, size)) for i in range(h) for j in range(w))
+                 if box[2] <= size and box[3] <= size]
         crops = torch.cat([image[:, :, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes])
 
         def loop() -> None:

@@ -523,6 +523,9 @@ def _geometry_lines(fcn) -> str:
         f"{g.receptive_field} px (cell (0,0) from {g.rf_offset} px)",
         f"  map size: {big}x{big} px in -> {h}x{w} cells out; smallest input {g.min_input_size()} px",
     ]
+    if g.size_dependent:
+        lines.append("  cells move with the input's size: layers pad by the size they meet (TensorFlow 'SAME'); "
+                     "offsets above are the native size's")
     if not g.local:
         shown = ", ".join(printable(n, 80) for n in g.global_context[:3])
         shown += ", ..." if len(g.global_context) > 3 else ""

@@ -26,6 +26,7 @@ layer that differs.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -39,9 +40,10 @@ from . import limits
 from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
-from .layers import PointwiseConv2d, WindowLinear
+from .layers import PointwiseConv2d, SamePad2d, WindowLinear
 from .ops import op_for, op_name, unsupported_node
-from .tracing import Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, shape_of, trace
+from .tracing import (Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, same_padding_functions,
+                      shape_of, trace)
 
 __all__ = ["convert"]
 
@@ -142,8 +144,9 @@ class _Converter:
         self.size = input_size
         self.example = example_input(original, input_size, input_size)
         self.traced = trace(original, self.example)
-        _refuse_unknown_operations(self.traced)
         self.rewrites: list[Rewrite] = []
+        self.rewrites += _same_padding_layers(self.traced, self.example)
+        _refuse_unknown_operations(self.traced)
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.head: dict[fx.Node, _HeadValue] = {}
@@ -655,6 +658,62 @@ _HEAD_RULES = {
     "linear": _rule_linear, "module": _rule_module_swap, "layer_norm": _rule_layer_norm,
     "getitem": _rule_getitem, "permute": _rule_permute,
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# Passes over the traced graph
+
+
+def _same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
+    """Make every traced call of a TensorFlow "SAME" padding function a :class:`~convify.layers.SamePad2d` layer.
+
+    timm's ``pad_same(x, kernel_size, stride, dilation, value)`` (traced as one call, see
+    :func:`convify.tracing.same_padding_functions`) pads by the size of the map it meets; the layer does the
+    same for every input, where the native size's constant padding would be wrong at other sizes. Its window
+    arguments may be computed in the graph (``weight.shape[-2:]``): they are read off a run at the native size.
+
+    Returns:
+        The rewrites made, one per call.
+    """
+    functions = same_padding_functions()
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in functions]
+    values: Optional[dict[fx.Node, Any]] = None
+    rewrites = []
+    for node in nodes:
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except TypeError as e:
+            raise ConversionError(f"'{_node_label(node)}' calls {node.target.__name__} with arguments convify cannot "
+                                  f"read ({e})") from None
+        bound.apply_defaults()
+        x, *window = bound.arguments.values()
+        computed: list[fx.Node] = []
+        fx.node.map_arg(window, computed.append)
+        if computed:
+            values = values if values is not None else run_graph(gm, example)
+            window = [fx.node.map_arg(v, lambda n: values.get(n)) for v in window]
+        try:
+            kernel, stride, dilation, value = (tuple(int(a) for a in v) if isinstance(v, (tuple, list, torch.Size))
+                                               else v for v in window[:4])
+            layer = SamePad2d(kernel, stride, dilation, float(value))
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"'{_node_label(node)}' pads 'SAME' with arguments convify cannot use "
+                                  f"({str(e).splitlines()[0][:80]})") from None
+        owner = next(reversed(node.meta.get("nn_module_stack") or {"": ("", None)}.values()))[0]
+        target = _unused_name(gm, f"{owner.replace('.', '_')}_same_pad" if owner else "same_pad")
+        gm.add_submodule(target, layer)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(target, (x,))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        rewrites.append(Rewrite(target, f"{node.target.__module__}.{node.target.__name__} (TensorFlow 'SAME' padding)",
+                                f"SamePad2d({layer.extra_repr()})"))
+    if nodes:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return rewrites
 
 
 # --------------------------------------------------------------------------------------------------

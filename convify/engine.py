@@ -380,6 +380,12 @@ class HeatmapResult:
         sx, sy = self.scale
         return self.geometry.stride * sx, self.geometry.stride * sy
 
+    def cell_offset(self) -> tuple[int, int]:
+        """``(x, y)``: where cell (0, 0)'s window starts in the network's input (the resized image plus ``pad``).
+        It is ``geometry.offset`` on both axes unless the network pads by its input's size."""
+        width, height = self.input_size[0] + self.pad[0] + self.pad[2], self.input_size[1] + self.pad[1] + self.pad[3]
+        return self.geometry.axis_offsets(width, 1)[0], self.geometry.axis_offsets(height, 0)[0]
+
     def summary(self, k: int = 5, queries: Sequence[Union[str, int]] = ()) -> dict[str, Any]:
         """A JSON-able description: image, model, geometry, top-k and the asked classes' peaks."""
         g = self.geometry
@@ -388,6 +394,7 @@ class HeatmapResult:
             "model": self.arch, "input_size": list(self.input_size),
             "map_size": list(self.logits.shape[1:]),
             "geometry": {"stride": g.stride, "window": g.window, "offset": g.offset,
+                         "cell_offset": list(self.cell_offset()),
                          "receptive_field": g.receptive_field, "local": g.local,
                          "scale_to_original": list(self.scale), "pad": list(self.pad)},
             **({"fusion": self.fusion} if self.fusion else {}),
@@ -616,7 +623,7 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         with autocast(resolve_device(None, fcn), precision):
             logits = tiled_map(fcn, x, max_memory)
         check_finite(logits, precision)
-        boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height), pads[:2])
+        boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height), pads)
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
             raise
@@ -698,8 +705,8 @@ def padding(geometry: Any, width: int, height: int, mode: Optional[str]) -> tupl
     """``(left, top, right, bottom)`` pixels a ``width x height`` input is padded by under ``mode``."""
     if mode in ("none", None):
         return (0, 0, 0, 0)
-    left, right = geometry.cover_padding(width)
-    top, bottom = geometry.cover_padding(height)
+    left, right = geometry.cover_padding(width, axis=1)
+    top, bottom = geometry.cover_padding(height, axis=0)
     return (left, top, right, bottom)
 
 
@@ -747,19 +754,22 @@ def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) 
 
 
 def _cell_boxes(geometry: Any, map_size: Sequence[int], original: tuple[int, int],
-                resized: tuple[int, int], pad: Sequence[int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+                resized: tuple[int, int], pad: Sequence[int] = (0, 0, 0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H', W', 4)`` boxes and ``(H', W', 2)`` centres in original pixels (continuous coordinates).
 
-    ``pad``: ``(left, top)`` padding added before the network ran; boxes of cells centred near an edge then
-    reach outside the image (``[-pad, ...)``), as the network saw them.
+    ``pad``: ``(left, top, right, bottom)`` padding added before the network ran; boxes of cells centred near an
+    edge then reach outside the image (``[-pad, ...)``), as the network saw them. The network's input was
+    ``resized`` plus ``pad`` (where cells lie may depend on its size: ``Geometry.size_dependent``).
 
     A cell's x-extent depends on its column only and its y-extent on its row only, so this asks the
     geometry about one row and one column (``H' + W'`` calls, not ``H' * W'``).
     """
     rows, cols = int(map_size[0]), int(map_size[1])
     sx, sy = original[0] / resized[0], original[1] / resized[1]
-    xs = torch.tensor([geometry.cell_box(0, j)[0::2] for j in range(cols)], dtype=torch.float64).reshape(cols, 2)
-    ys = torch.tensor([geometry.cell_box(i, 0)[1::2] for i in range(rows)], dtype=torch.float64).reshape(rows, 2)
+    pad = tuple(pad) + (0,) * (4 - len(pad))
+    size = (resized[1] + pad[1] + pad[3], resized[0] + pad[0] + pad[2])
+    xs = torch.tensor([geometry.cell_box(0, j, size)[0::2] for j in range(cols)], dtype=torch.float64).reshape(cols, 2)
+    ys = torch.tensor([geometry.cell_box(i, 0, size)[1::2] for i in range(rows)], dtype=torch.float64).reshape(rows, 2)
     xs, ys = (xs - pad[0]) * sx, (ys - pad[1]) * sy  # (W', 2) x0, x1 and (H', 2) y0, y1 in original pixels
     boxes = torch.stack([xs[None, :, 0].expand(rows, cols), ys[:, None, 0].expand(rows, cols),
                          xs[None, :, 1].expand(rows, cols), ys[:, None, 1].expand(rows, cols)], dim=-1)

@@ -46,7 +46,7 @@ from torch import nn
 
 from . import limits
 from .errors import ConversionError, ConvifyError, OutputExistsError
-from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, WindowLinear
+from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, WindowLinear
 from .ops import argument
 from .outputs import ensure_directory, write_atomic
 from .serialize import StoredGraph, graph_steps, run_step, substitute
@@ -241,6 +241,8 @@ class _ExportForm(nn.Module):
                 env[index] = _finer_pool(ceil, args[0] if args else kwargs["input"])
             elif isinstance(layer, PhaseAvgPool2d):
                 env[index] = _phase_avg_pool(layer, *args, **kwargs)
+            elif isinstance(layer, SamePad2d):
+                env[index] = _same_pad(layer, *args, **kwargs)
             else:
                 env[index] = run_step(self.net, step, args, kwargs)
             for freed in step.frees:
@@ -264,6 +266,33 @@ def _overhang(n: Any, kernel: int, pad: int, dilation: int, stride: int) -> Any:
     t = (stride - span % stride) % stride
     m = max(stride, q) + 1
     return t * ((m - 1 + q - t) // m)
+
+
+def _same_total(n: Any, kernel: int, stride: int, dilation: int) -> Any:
+    """The total of :func:`convify.layers.same_padding` for a symbolic size ``n``, in terms torch.export can reason
+    about: with ``out = (n + stride - 1) // stride`` (``ceil(n / stride)``) and ``span = dilation (kernel - 1) + 1``
+    it is ``(out - 1) stride + span - n``, so the window op after it gives ``out`` exactly. Where ``span < stride``
+    the total can be negative and is clipped at 0: with ``t = out stride - n`` in ``[0, stride)`` and
+    ``c = stride - span``, ``(t - c) [t >= c]`` with ``[t >= c] = (t - c + stride) // stride`` (0 when ``c`` is
+    ``stride - 1`` or more).
+    """
+    out = (n + stride - 1) // stride
+    span = dilation * (kernel - 1) + 1
+    if span >= stride:
+        return (out - 1) * stride + span - n
+    t, c = out * stride - n, stride - span
+    if c >= stride - 1:  # t < stride: never more than c (a 1x1 window at stride 2 never pads)
+        return 0
+    return (t - c) * ((t - c + stride) // stride)
+
+
+def _same_pad(layer: SamePad2d, x: torch.Tensor) -> torch.Tensor:
+    """:class:`SamePad2d`'s forward with the padding of :func:`_same_total` (sizes torch.export can follow)."""
+    pads = []
+    for axis in (1, 0):  # F.pad takes the width's pair first
+        total = _same_total(x.shape[2 + axis], layer.kernel_size[axis], layer.stride[axis], layer.dilation[axis])
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=layer.value)
 
 
 def _ceil_mode_pool(step: Any, layer: Optional[nn.Module], args: tuple, kwargs: dict) -> Optional[FinerPool2d]:

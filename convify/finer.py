@@ -108,6 +108,10 @@ def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
     g = fcn.geometry
     if stride == g.stride:
         return fcn
+    if g.size_dependent:
+        raise ConversionError("this network pads by the size of the map each layer meets (TensorFlow 'SAME' "
+                              "padding), which a finer stride would change; convify cannot make it finer "
+                              f"(use its own stride, {g.stride})")
     description, tensors = graph_to_data(fcn.net)
     description = copy.deepcopy(description)
     try:

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from . import limits
 from .errors import ConversionError, ConvifyError
-from .layers import overhang
+from .layers import overhang, same_padding
 from .ops import argument, op_for, op_name
 from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
 
@@ -67,92 +67,151 @@ class Geometry:
 
     # -- cells -----------------------------------------------------------------------------------
 
-    def cell_box(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """The nominal window of cell ``map[..., i, j]`` as ``(x0, y0, x1, y1)`` input pixels (x1, y1 exclusive)."""
-        x0, y0 = self.offset + j * self.stride, self.offset + i * self.stride
+    def cell_box(self, i: int, j: int, size: Optional[tuple[int, int]] = None) -> tuple[int, int, int, int]:
+        """The nominal window of cell ``map[..., i, j]`` as ``(x0, y0, x1, y1)`` input pixels (x1, y1 exclusive).
+
+        ``size``: the input's ``(height, width)``; needed only when :attr:`size_dependent`.
+        """
+        (y_offset, _), (x_offset, _) = self._offsets(size)
+        x0, y0 = x_offset + j * self.stride, y_offset + i * self.stride
         return (x0, y0, x0 + self.window, y0 + self.window)
 
-    def rf_box(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """The receptive field of cell ``(i, j)`` as ``(x0, y0, x1, y1)`` (exclusive end; may leave the image)."""
-        x0, y0 = self.rf_offset + j * self.stride, self.rf_offset + i * self.stride
+    def rf_box(self, i: int, j: int, size: Optional[tuple[int, int]] = None) -> tuple[int, int, int, int]:
+        """The receptive field of cell ``(i, j)`` as ``(x0, y0, x1, y1)`` (exclusive end; may leave the image).
+
+        ``size``: the input's ``(height, width)``; needed only when :attr:`size_dependent`.
+        """
+        (_, y_rf), (_, x_rf) = self._offsets(size)
+        x0, y0 = x_rf + j * self.stride, y_rf + i * self.stride
         return (x0, y0, x0 + self.receptive_field, y0 + self.receptive_field)
 
-    def cell_center(self, i: int, j: int) -> tuple[float, float]:
+    def cell_center(self, i: int, j: int, size: Optional[tuple[int, int]] = None) -> tuple[float, float]:
         """The centre ``(x, y)`` of cell ``(i, j)``'s window, in continuous pixel coordinates."""
-        x0, y0, x1, y1 = self.cell_box(i, j)
+        x0, y0, x1, y1 = self.cell_box(i, j, size)
         return ((x0 + x1) / 2, (y0 + y1) / 2)
 
-    # -- spans: the questions tiling asks (the same along both axes) -------------------------------
+    @property
+    def size_dependent(self) -> bool:
+        """Whether where cells lie depends on the input's size: a layer pads by a rule of the size it meets
+        (TensorFlow's "SAME" padding, ``"same_pad"`` layers). Then :meth:`cell_box` and :meth:`rf_box` need
+        the input's size, and :attr:`offset` and :attr:`rf_offset` are those of the native size."""
+        return any(layer["op"] == "same_pad" for layer in self.layers)
 
-    def input_span(self, first: int, last: int) -> tuple[int, int]:
+    def axis_offsets(self, length: int, axis: int = 0) -> tuple[int, int]:
+        """``(offset, rf_offset)`` along one axis (0: rows, 1: columns) for an input ``length`` px long.
+
+        For a size-independent geometry these are :attr:`offset` and :attr:`rf_offset`. Where layers pad by
+        the size they meet, the first cell's receptive field starts where the padding at this length puts it,
+        and its nominal window moves with it (the window is ``offset`` px from the receptive field's start at
+        the native size, where cell (0, 0) is the whole input).
+        """
+        if not self.size_dependent:
+            return self.offset, self.rf_offset
+        rf_offset = self._walk(length, axis)[1]
+        return self.offset + rf_offset - self._walk(self.window, axis)[1], rf_offset
+
+    def _offsets(self, size: Optional[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int]]:
+        if size is None:
+            if self.size_dependent:
+                raise ValueError("this network pads by the size of the input (TensorFlow 'SAME' padding), so where "
+                                 "its cells lie depends on the image's size: pass size=(height, width)")
+            return (self.offset, self.rf_offset), (self.offset, self.rf_offset)
+        return self.axis_offsets(int(size[0]), 0), self.axis_offsets(int(size[1]), 1)
+
+    # -- spans: the questions tiling asks, along one axis (0: rows, 1: columns) --------------------
+
+    def input_span(self, first: int, last: int, length: Optional[int] = None, axis: int = 0) -> tuple[int, int]:
         """The input pixels ``[start, end)`` along one axis that cells ``first .. last - 1`` read: the union of
-        their receptive fields (it may reach outside the image, into padding)."""
-        return (self.rf_offset + first * self.stride,
-                self.rf_offset + (last - 1) * self.stride + self.receptive_field)
+        their receptive fields (it may reach outside the image, into padding). ``length``: the axis's length in
+        pixels, needed only when :attr:`size_dependent`."""
+        rf_offset = self._rf_offset(length, axis)
+        return (rf_offset + first * self.stride, rf_offset + (last - 1) * self.stride + self.receptive_field)
 
-    def exact_cells(self, start: int, end: int, length: int) -> tuple[int, int]:
+    def exact_cells(self, start: int, end: int, length: int, axis: int = 0) -> tuple[int, int]:
         """Which cells a crop computes exactly as the whole image does, along one axis.
 
         For a crop ``[start, end)`` of an axis ``length`` pixels long, with ``start`` a multiple of the
         stride (so every layer's grid lines up with the whole image's), cell ``k`` of the whole map equals
         cell ``k - start // stride`` of the crop's map when its receptive field lies inside the crop, or
         leaves it only where the crop reaches the image's own edge (where both see the same padding).
+        Where layers pad by the size they meet (:attr:`size_dependent`), the grids line up only when the crop
+        is also as long as the axis modulo the stride: then every layer meets a map of the same length modulo
+        its own stride, and pads the same before it.
 
         Returns:
             ``(first, last)``: whole-map cells ``first .. last - 1`` (``first >= last`` when there are none).
 
         Raises:
-            ValueError: ``start`` is not a multiple of the stride, or the crop is not inside the axis.
+            ValueError: ``start`` is not a multiple of the stride, the crop is not inside the axis, or (for a
+                size-dependent geometry) its length differs from the axis's by other than whole strides.
         """
         if start % self.stride or not 0 <= start < end <= length:
             raise ValueError(f"crop [{start}, {end}) of an axis of {length} px must start on the stride grid "
                              f"({self.stride} px) and lie inside it")
-        whole = self._axis_size(length, 0)
-        first = 0 if start == 0 else -((self.rf_offset - start) // self.stride)  # ceil((start - rf_offset) / s)
-        last = whole if end == length else (end - self.rf_offset - self.receptive_field) // self.stride + 1
+        if self.size_dependent and (length - (end - start)) % self.stride:
+            raise ValueError(f"crop [{start}, {end}) of an axis of {length} px must be as long as the axis modulo "
+                             f"the stride ({self.stride} px): this network pads by the size of its input")
+        whole = self._axis_size(length, axis)
+        rf_offset = self._rf_offset(length, axis)
+        first = 0 if start == 0 else -((rf_offset - start) // self.stride)  # ceil((start - rf_offset) / s)
+        last = whole if end == length else (end - rf_offset - self.receptive_field) // self.stride + 1
         return max(first, 0), min(last, whole)
 
-    def cover_padding(self, length: int) -> tuple[int, int]:
+    def cover_padding(self, length: int, axis: int = 0) -> tuple[int, int]:
         """The padding ``(before, after)`` that lets the map of an axis ``length`` px long cover all of it.
 
         Without padding every cell's window lies inside the image, so no cell is centred within
         ``(window - stride) / 2`` px of an edge. Padded, the first cell's centre lies at most half a stride
         inside the start (``before = ceil(offset + (window - stride) / 2)``, at least 0) and ``after`` is the
         least padding that puts the last centre at most half a stride inside the end: every pixel of the
-        axis is then within half a stride of a cell's centre.
+        axis is then within half a stride of a cell's centre. (For a size-dependent geometry ``offset`` is
+        the one at the padded length.)
         """
         before = max(0, math.ceil(self.offset + (self.window - self.stride) / 2))
-        after = 0
-        while True:
-            cells = self._axis_size(length + before + after, 0)
-            last = self.offset + (cells - 1) * self.stride + self.window / 2 - before
-            if cells >= 1 and last + self.stride / 2 >= length:
+        after, most = 0, before + self.receptive_field + self.window
+        while before <= most:
+            padded = length + before + after
+            offset = self.axis_offsets(padded, axis)[0]
+            cells = self._axis_size(padded, axis)
+            if offset + self.window / 2 - before > self.stride / 2:  # padding moved the cells in (size-dependent)
+                before, after = before + 1, 0
+                continue
+            if cells >= 1 and offset + (cells - 1) * self.stride + self.window / 2 - before + self.stride / 2 >= length:
                 return before, after
             after += 1
+        raise ConvifyError(f"no padding lets this network's map cover an axis of {length} px")
 
-    def tiles(self, length: int, cells: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    def tiles(self, length: int, cells: int, axis: int = 0) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """Split one axis into crops that together give every cell of the whole map exactly once.
 
         Args:
             length: the axis's length in pixels.
             cells: how many map cells each crop should give (the last may give fewer).
+            axis: 0 for rows, 1 for columns (they differ only where layers pad by the size they meet).
 
         Returns:
             ``[((first, last), (start, end)), ...]``: whole-map cells ``first .. last - 1`` come from the crop
             ``[start, end)`` of the input, whose own map holds them from index ``first - start // stride``.
         """
-        whole = self._axis_size(length, 0)
+        whole = self._axis_size(length, axis)
         plan = []
         for first in range(0, whole, max(cells, 1)):
             last = min(whole, first + max(cells, 1))
-            need_start, need_end = self.input_span(first, last)
+            need_start, need_end = self.input_span(first, last, length, axis)
             start = max(0, need_start) // self.stride * self.stride
             end = min(length, need_end)
-            exact = self.exact_cells(start, end, length)
+            if self.size_dependent:  # as long as the axis modulo the stride (exact_cells)
+                end = min(length, end + (length - (end - start)) % self.stride)
+            exact = self.exact_cells(start, end, length, axis)
             if exact[0] > first or exact[1] < last:  # cannot happen for a consistent geometry
                 raise ConvifyError(f"the crop [{start}, {end}) does not give cells {first}..{last - 1} exactly")
             plan.append(((first, last), (start, end)))
         return plan
+
+    def _rf_offset(self, length: Optional[int], axis: int) -> int:
+        if length is None:
+            return self._offsets(None)[axis][1]
+        return self.axis_offsets(length, axis)[1]
 
     # -- sizes -----------------------------------------------------------------------------------
 
@@ -181,23 +240,35 @@ class Geometry:
         return lo
 
     def _axis_size(self, n: int, axis: int) -> int:
+        return self._walk(n, axis)[0]
+
+    def _walk(self, n: int, axis: int) -> tuple[int, int]:
+        """The output's length along ``axis`` for an input ``n`` px long (0 if too small), and where the first
+        cell's receptive field starts (the layers' padding before, in input pixels)."""
         sizes: list[int] = []
+        starts: list[int] = []
+        jumps: list[int] = []
         for layer in self.layers:
             if layer["op"] == "input":
-                sizes.append(n)
+                sizes.append(n), starts.append(0), jumps.append(1)
                 continue
             inputs = [sizes[k] for k in layer["inputs"]]
+            start, jump = min(starts[k] for k in layer["inputs"]), jumps[layer["inputs"][0]]
             if min(inputs) < 1 or len(set(inputs)) > 1:  # too small, or branches that cannot be merged
-                sizes.append(0)
+                sizes.append(0), starts.append(start), jumps.append(jump)
                 continue
             size = inputs[0]
             if layer["op"] == "window":
                 k, s, before, after, d = (layer[key][axis] for key in _WINDOW_KEYS)
                 ceil_stride = layer.get("ceil_stride", (0, 0))[axis]
                 extra = overhang(size, k, before, d, ceil_stride) if ceil_stride else 0
-                size = _window_out(size + extra, k, s, before, after, d, layer["ceil_mode"])
-            sizes.append(size)
-        return max(sizes[-1], 0) if sizes else n
+                size, start, jump = _window_out(size + extra, k, s, before, after, d, layer["ceil_mode"]), \
+                    start - before * jump, jump * s
+            elif layer["op"] == "same_pad":
+                before, after = same_padding(size, *(layer[key][axis] for key in _SAME_KEYS))
+                size, start = size + before + after, start - before * jump
+            sizes.append(size), starts.append(start), jumps.append(jump)
+        return (max(sizes[-1], 0), starts[-1]) if sizes else (n, 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for saving); :meth:`from_dict` reverses it."""
@@ -238,6 +309,7 @@ class Geometry:
 _FIELDS = {"stride", "window", "offset", "receptive_field", "rf_offset", "local", "global_context", "padded",
            "layers"}
 _WINDOW_KEYS = ("kernel", "stride", "pad_before", "pad_after", "dilation")
+_SAME_KEYS = ("kernel", "stride", "dilation")  # a "same_pad" layer: the window op's it pads for
 
 
 def _bounded(data: dict, key: str, lo: int, hi: int, where: str = "geometry") -> int:
@@ -256,9 +328,10 @@ def _flag(data: dict, key: str) -> bool:
 def _layer(layer: Any, index: int, big: int) -> dict:
     """One checked entry of ``Geometry.layers`` (pairs as tuples); inputs must come before it."""
     where = f"geometry.layers[{index}]"
-    if not isinstance(layer, dict) or layer.get("op") not in ("input", "window", "same"):
-        raise ValueError(f"{where} must have an op of input, window or same")
-    keys = {"op", "inputs"} | (set(_WINDOW_KEYS) | {"ceil_mode"} if layer["op"] == "window" else set())
+    if not isinstance(layer, dict) or layer.get("op") not in ("input", "window", "same", "same_pad"):
+        raise ValueError(f"{where} must have an op of input, window, same or same_pad")
+    keys = {"op", "inputs"} | (set(_WINDOW_KEYS) | {"ceil_mode"} if layer["op"] == "window" else
+                               set(_SAME_KEYS) if layer["op"] == "same_pad" else set())
     if layer.get("op") == "window" and "ceil_stride" in layer:  # a finer stride's pool (convify.finer)
         keys.add("ceil_stride")
     inputs = layer.get("inputs")
@@ -277,6 +350,12 @@ def _layer(layer: Any, index: int, big: int) -> dict:
         if not isinstance(layer["ceil_mode"], bool):
             raise ValueError(f"{where}.ceil_mode must be true or false")
         checked["ceil_mode"] = layer["ceil_mode"]
+    if layer["op"] == "same_pad":
+        for key in _SAME_KEYS:
+            pair_ = layer[key]
+            if not isinstance(pair_, (list, tuple)) or len(pair_) != 2:
+                raise ValueError(f"{where}.{key} must be a pair of integers")
+            checked[key] = tuple(_bounded({key: v}, key, 1, big, where) for v in pair_)
     return checked
 
 
@@ -345,6 +424,18 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
             if n not in spans and layouts.get(n) is not None and layouts[n].is_tensor and _depends(n, spans):
                 global_context.append(_context_name(net, n, spans))
         name = op_name(net, node)
+        if name == "same_pad2d":
+            module = net.get_submodule(node.target)
+            src_layout = layouts[mapped[0]]
+            native = (src_layout.shape[src_layout.hdims[0]], src_layout.shape[src_layout.wdims[0]])
+            left, right, top, bottom = module.padding(*native)
+            padded = True
+            src = spans[mapped[0]]
+            spans[node] = (_apply(src[0], 1, 1, top, bottom, 1, 0), _apply(src[1], 1, 1, left, right, 1, 0))
+            layers.append({"op": "same_pad", "inputs": (index[mapped[0]],), "kernel": module.kernel_size,
+                           "stride": module.stride, "dilation": module.dilation})
+            index[node] = len(layers) - 1
+            continue
         params = _window_params(net, node, layouts)
         if params is not None and padding_mode(name, net.get_submodule(node.target) if node.op == "call_module"
                                                else None, node.args, node.kwargs) == "circular":

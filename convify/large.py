@@ -161,12 +161,14 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         if len(classes) != num_classes:
             classes = [f"class {i}" for i in range(num_classes)]
         kept = list(dict.fromkeys(resolve_class(classes, q) for q in queries))
-        center0 = ((g.cell_box(0, 0)[0] + g.cell_box(0, 0)[2]) / 2 - left,
-                   (g.cell_box(0, 0)[1] + g.cell_box(0, 0)[3]) / 2 - top)
+        ran = (height + top + bottom, width + left + right)  # the network's input: (height, width)
+        cell0 = g.cell_box(0, 0, ran)
+        center0 = ((cell0[0] + cell0[2]) / 2 - left, (cell0[1] + cell0[3]) / 2 - top)
         attrs = {"image": str(image), "image_size": [width, height], "level": level, "scale": scale,
                  "model": fcn.meta.arch, "precision": precision, "pad": list(pads), "geometry": g.to_dict(),
-                 "cell_box": "x0 = offset + col * stride - pad[0], y0 = offset + row * stride - pad[1], "
-                             "x1 = x0 + window, y1 = y0 + window (image pixels at this level)"}
+                 "cell_offset": [cell0[0], cell0[1]],
+                 "cell_box": "x0 = cell_offset[0] + col * stride - pad[0], y0 = cell_offset[1] + row * stride - "
+                             "pad[1], x1 = x0 + window, y1 = y0 + window (image pixels at this level)"}
         store_path = out_dir / f"{stem}.zarr"
         with MapWriter(store_path, map_size=plan.map_size, num_classes=num_classes, classes=classes, keep=kept,
                        top_k=top_k, all_classes=all_classes, attrs=attrs, force=force, inputs=[image]) as writer:
@@ -180,7 +182,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
         order = [int(i) for i in np.argsort(-best.log_prob, kind="stable")[:max(top_k, len(kept), 1)]]
 
         def box(cell: Sequence[int]) -> tuple[float, float, float, float]:
-            x0, y0, x1, y1 = g.cell_box(int(cell[0]), int(cell[1]))
+            x0, y0, x1, y1 = g.cell_box(int(cell[0]), int(cell[1]), ran)
             return (x0 - left, y0 - top, x1 - left, y1 - top)
 
         def describe(index: int) -> dict[str, Any]:
@@ -211,6 +213,7 @@ def large_heatmap(image: Union[str, os.PathLike], output: Union[str, os.PathLike
                        "store": str(store_path),
                        "passes": plan.count, "streamed": bool(plan.strip), "pad": list(pads),
                        "geometry": {"stride": g.stride, "window": g.window, "offset": g.offset,
+                                    "cell_offset": [cell0[0], cell0[1]],
                                     "receptive_field": g.receptive_field, "local": g.local},
                        "top": top_classes, "classes": [describe(i) for i in kept]}
             planned.append((out_dir / f"{stem}.json", json.dumps(summary, indent=2).encode()))

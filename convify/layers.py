@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "overhang"]
+__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "SamePad2d", "overhang", "same_padding"]
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -205,3 +205,56 @@ class PhaseAvgPool2d(nn.Module):
         count_w = torch.div(torch.arange(w - 1, w - 1 - rw, -1, device=x.device), rw, rounding_mode="floor") + 1
         means = sums / (count_h[:, None] * count_w[None, :]).to(sums.dtype)
         return means.repeat(1, 1, rows, cols)[:, :, :h, :w]
+
+
+def same_padding(n: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding ``(before, after)`` of a window op on an axis ``n`` long: the least total that
+    gives ``ceil(n / stride)`` outputs, the odd one after. It depends on ``n`` modulo ``stride``."""
+    total = max((-(-n // stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+    return total // 2, total - total // 2
+
+
+class SamePad2d(nn.Module):
+    """TensorFlow's "SAME" padding for the window op that follows, computed from the size of the map it meets.
+
+    timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame`` and ``StdConv2dSame`` (every ``tf_*`` model) pad
+    this way: by :func:`same_padding` of the actual map, so the padding before changes with the input's size
+    modulo the stride, and with it where cells lie (the geometry's ``"same_pad"`` layers). Freezing the native
+    size's padding would be wrong at other sizes; this layer computes it for every input.
+
+    ``kernel_size``, ``stride``, ``dilation``: the following window op's, per axis. ``value``: what to pad with
+    (0, or ``-inf`` before a max pool).
+
+    ``(N, C, H, W) -> (N, C, H + ph, W + pw)`` with ``ph = sum(same_padding(H, ...))``.
+    """
+
+    # a window or stride larger than the largest native input convify converts is not a layer (convify.limits)
+    MAX_WINDOW = 4096
+
+    def __init__(self, kernel_size: Any, stride: Any, dilation: Any = 1, value: float = 0.0) -> None:
+        super().__init__()
+        checked = []
+        for name, given in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+            pair = (given, given) if not isinstance(given, (tuple, list)) else tuple(given)
+            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= self.MAX_WINDOW
+                                         for v in pair):
+                raise ValueError(f"{name} must be an integer from 1 to {self.MAX_WINDOW}, or a pair of them; "
+                                 f"got {str(given)[:40]}")
+            checked.append(pair)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            raise ValueError(f"value must be a number, got {str(value)[:40]}")
+        self.kernel_size, self.stride, self.dilation = checked
+        self.value = float(value)
+
+    def padding(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` for a ``height x width`` map, as ``F.pad`` takes it."""
+        top, bottom = same_padding(height, self.kernel_size[0], self.stride[0], self.dilation[0])
+        left, right = same_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
+        return left, right, top, bottom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, C, H + top + bottom, W + left + right)``."""
+        return F.pad(x, self.padding(x.shape[-2], x.shape[-1]), value=self.value)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, value={self.value}"

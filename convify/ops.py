@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, WindowLinear
+from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, WindowLinear
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
            "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES"]
@@ -126,6 +126,18 @@ def _numeric(op: Callable) -> Callable:
     return call
 
 
+def _int_power(base: Any, exponent: Any) -> Any:
+    """``base ** exponent``, refused before it runs when both are integers and the result would leave int64
+    (``(2**24) ** (2**24)`` is a 50 MB integer that takes minutes to compute)."""
+    if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0 \
+            and exponent * (abs(base).bit_length() - 1) > 63:
+        raise OverflowError("pow gives an integer beyond int64 in a converted network")
+    return operator.pow(base, exponent)
+
+
+_int_power.__name__ = _int_power.__qualname__ = "pow"
+
+
 def argument(args: tuple, kwargs: dict, position: int, names: tuple[str, ...], default: Any = None) -> Any:
     """A call's argument by any of its keyword ``names``, else at ``position``, else ``default``."""
     for name in names:
@@ -165,6 +177,8 @@ _TABLE: tuple[Op, ...] = (
     Op("finer_pool2d", (FinerPool2d,), window=True),
     # over a pooled channel vector (ECA's channel attention): not over the map, and not per position
     Op("conv1d", (nn.Conv1d,), (F.conv1d,)),
+    # TensorFlow "SAME" padding, by the size of the map it meets (timm's tf_* models): a pad that moves with it
+    Op("same_pad2d", (SamePad2d,), window=True),
     Op("pad", (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), (F.pad,), window=True),
     # -- global pools: the boundary between body and head ------------------------------------------
     Op("adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), (F.adaptive_avg_pool2d,), pool="avg"),
@@ -206,7 +220,7 @@ _TABLE: tuple[Op, ...] = (
     _elementwise("neg", functions=(_numeric(operator.neg),), methods=("neg",)),
     _elementwise("clamp", functions=(torch.clamp,), methods=("clamp", "clamp_")),
     _elementwise("sqrt", methods=("sqrt",)),
-    _elementwise("pow", methods=("pow",)),
+    _elementwise("pow", functions=(_numeric(_int_power), torch.pow), methods=("pow",)),
     _elementwise("contiguous", methods=("contiguous",)),
     _elementwise("clone", methods=("clone",)),
     _elementwise("float", methods=("float",)),
@@ -257,7 +271,7 @@ _GUARDED: dict[Callable, Callable] = {
     operator.sub: OPS["sub"].functions[0], operator.mul: OPS["mul"].functions[0],
     operator.imul: OPS["mul"].functions[1], operator.truediv: OPS["div"].functions[0],
     operator.floordiv: OPS["floordiv"].functions[0], operator.neg: OPS["neg"].functions[0],
-    operator.eq: OPS["eq"].functions[0], operator.getitem: _safe_getitem, builtins.getattr: _tensor_getattr,
+    operator.eq: OPS["eq"].functions[0], operator.pow: OPS["pow"].functions[0], operator.getitem: _safe_getitem, builtins.getattr: _tensor_getattr,
 }
 
 

@@ -312,13 +312,13 @@ def plan_tiles(fcn: FullyConvNet, height: int, width: int, max_memory: int = lim
 
 
 def _crops(g: Any, height: int, width: int, map_size: tuple[int, int], cells: int) -> TilePlan:
-    return TilePlan(tuple(g.tiles(height, cells)), tuple(g.tiles(width, cells)), map_size, cells)
+    return TilePlan(tuple(g.tiles(height, cells, axis=0)), tuple(g.tiles(width, cells, axis=1)), map_size, cells)
 
 
 def _stream_plan(g: Any, height: int, width: int, map_size: tuple[int, int], strip: int, band_cells: int) -> TilePlan:
     if strip < 1 or band_cells < 1:
         raise ValueError("strip and band_cells must be at least 1")
-    return TilePlan((((0, map_size[0]), (0, height)),), tuple(g.tiles(width, band_cells)), map_size, band_cells,
+    return TilePlan((((0, map_size[0]), (0, height)),), tuple(g.tiles(width, band_cells, axis=1)), map_size, band_cells,
                     strip)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import keyword
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -29,7 +30,7 @@ class _ConcreteTracer(fx.Tracer):
     """An fx tracer that resolves data-dependent ``bool(proxy)`` by running on an example input."""
 
     def __init__(self, example: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=same_padding_functions())
         self._example = example
         self._evaluating = False
 
@@ -67,6 +68,22 @@ class _ConcreteTracer(fx.Tracer):
                 return fx.GraphModule(self.root, graph)(self._example)
         finally:
             self._evaluating = False
+
+
+# Functions that pad a map by TensorFlow's "SAME" rule from its size at run time: ``(module, name)``, looked up only
+# when the library is already imported (a model of it is being traced). They are traced as one call each, which
+# the converter turns into a :class:`convify.layers.SamePad2d` (not into the size arithmetic inside them).
+_SAME_PADDING_FUNCTIONS = (("timm.layers.padding", "pad_same"), ("timm.models.layers.padding", "pad_same"))
+
+
+def same_padding_functions() -> tuple[Callable, ...]:
+    """The "SAME" padding functions of libraries already imported (see :data:`_SAME_PADDING_FUNCTIONS`)."""
+    found = []
+    for module_name, name in _SAME_PADDING_FUNCTIONS:
+        function = getattr(sys.modules.get(module_name), name, None)
+        if callable(function) and function not in found:
+            found.append(function)
+    return tuple(found)
 
 
 def walk_inputs(node: fx.Node, stop: Callable[[fx.Node], bool] = lambda n: False) -> Iterator[fx.Node]:
