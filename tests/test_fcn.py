@@ -588,7 +588,10 @@ _SQUARES = [_call("s0", "call_method", "size", _X, 2)] + [
      None, None, "MAX_PIECES"),
     # 32 squared 40 times: a 2**45-bit integer
     (_SQUARES, None, None, "beyond int64"),
-], ids=["expand-contiguous", "pad", "pad-layer", "cat-of-cats", "views-keep-storage", "split", "int-squares"])
+    # (2**24) ** (2**24): a 50 MB integer that takes minutes, refused before it is computed
+    ([_call("a", "call_function", "_operator.pow", 1 << 24, 1 << 24)], None, None, "beyond int64"),
+], ids=["expand-contiguous", "pad", "pad-layer", "cat-of-cats", "views-keep-storage", "split", "int-squares",
+        "int-power"])
 def test_a_graph_cannot_allocate_without_a_bound(tmp_path: Path, saved: Path, nodes: list[dict], modules: Any,
                                                  output: Any, error: str) -> None:
     """Small integers in a graph asking for GBs are refused by a dry run on the meta device, before the
