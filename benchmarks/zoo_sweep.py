@@ -17,6 +17,11 @@ the rate per source and the refusals grouped by reason:
     python benchmarks/zoo_sweep.py --source torchvision           # every torchvision classifier
     python benchmarks/zoo_sweep.py --source timm --jobs 2 --timeout 300
     python benchmarks/zoo_sweep.py --models resnet18 timm:botnet26t_256
+    python benchmarks/zoo_sweep.py --source timm --shuffle --log sweep.jsonl   # resumable: rerun to go on
+
+``--log FILE`` appends each outcome as a JSON line as it finishes and skips architectures the file already holds,
+so a long sweep can be stopped and resumed; with ``--shuffle`` (a fixed order from ``--seed``) the outcomes so
+far are a uniform random sample of the whole, and the rates printed are over what the log holds.
 """
 from __future__ import annotations
 
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per architecture")
     parser.add_argument("--jobs", type=int, default=1, help="architectures at a time (one process each)")
     parser.add_argument("--json", help="also write every outcome to this JSON file")
+    parser.add_argument("--log", help="append each outcome to this JSON-lines file; skip what it already holds")
+    parser.add_argument("--shuffle", action="store_true", help="a random order (from --seed), not by name")
     parser.add_argument("--one", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -136,6 +143,18 @@ def main() -> None:
         todo = [tuple(m.split(":", 1)) if ":" in m else (known.get(m, "timm"), m) for m in args.models]
     if args.sample:
         todo = sorted(random.Random(args.seed).sample(todo, min(args.sample, len(todo))))
+    if args.shuffle:
+        random.Random(args.seed).shuffle(todo)
+    done_before: list[dict] = []
+    if args.log:
+        try:
+            with open(args.log) as f:
+                done_before = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            pass
+        seen = {(r["source"], r["name"]) for r in done_before}
+        done_before = [r for r in done_before if (r["source"], r["name"]) in set(todo)]
+        todo = [item for item in todo if item not in seen]
 
     def run(item: tuple[str, str]) -> dict:
         source, name = item
@@ -149,11 +168,15 @@ def main() -> None:
             result = {"outcome": "error", "why": f"over the {args.timeout:.0f} s limit"}
         return {"source": source, "name": name, **result}
 
-    print(f"{len(todo)} architectures, {args.jobs} at a time, {args.timeout:.0f} s each at most", flush=True)
-    results = []
+    print(f"{len(todo)} architectures, {args.jobs} at a time, {args.timeout:.0f} s each at most"
+          + (f" ({len(done_before)} done before, in {args.log})" if done_before else ""), flush=True)
+    results = list(done_before)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for r in pool.map(run, todo):
             results.append(r)
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(json.dumps(r) + "\n")
             detail = f"stride {r['stride']}, {'local' if r['local'] else 'global context'}" \
                 if r["outcome"] == "pass" else reason(r.get("why", ""))
             print(f"{r['outcome']:<9} {r['source']:<11} {r['name']:<40} {detail}", flush=True)
