@@ -41,7 +41,7 @@ from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
 from .layers import PointwiseConv2d, SamePad2d, WindowLinear
-from .ops import op_for, op_name, unsupported_node
+from .ops import argument, op_for, op_name, unsupported_node
 from .tracing import (Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, same_padding_functions,
                       shape_of, trace)
 
@@ -652,8 +652,35 @@ def _rule_permute(self: _Converter, node: fx.Node, value: _HeadValue, inputs: li
     return True
 
 
+def _rule_reduce(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+    """mean/var/std/norm over feature dimensions (an RMS or layer norm written out after the pool): the same
+    dimensions, made positive; reducing the batch or the map's dimensions has no per-position form."""
+    op = op_for(self.traced, node)
+    if len(inputs) != 1 or len(node.args) > op.reduces + 1 or out_shape is None and op.pieces is None:
+        return False  # arguments past dim by position (unbiased, keepdim) are not read
+    dims = argument(node.args, node.kwargs, op.reduces, ("dim",))
+    listed = [dims] if isinstance(dims, int) else dims
+    if not isinstance(listed, (tuple, list)) or not listed or not all(isinstance(d, int) for d in listed):
+        return False  # None: every dimension
+    new = sorted({_norm_dim(d, value) for d in listed})
+    if 0 in new or (not value.inserted and set(new) & set(value.spatial)):
+        return False
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if "dim" in kwargs or len(args) <= op.reduces:
+        kwargs["dim"] = new[0] if isinstance(dims, int) else tuple(new)
+    else:
+        args[op.reduces] = new[0] if isinstance(dims, int) else tuple(new)
+    self._copy(node, value, out_shape, tuple(args), kwargs)
+    if not kwargs.get("keepdim", False) and out_shape is not None:  # the reduced dimensions are gone
+        spatial = (len(out_shape), len(out_shape) + 1) if value.inserted else \
+            tuple(s - sum(d < s for d in new) for s in value.spatial)
+        self.head[node].spatial = spatial  # type: ignore[assignment]
+    return True
+
+
 # The rule for each kind of head rewrite; which operations are of which kind is in convify.ops (Op.head).
 _HEAD_RULES = {
+    "reduce": _rule_reduce,
     "elementwise": _rule_elementwise, "binary": _rule_binary, "to_vector": _rule_to_vector, "dim": _rule_dim,
     "linear": _rule_linear, "module": _rule_module_swap, "layer_norm": _rule_layer_norm,
     "getitem": _rule_getitem, "permute": _rule_permute,

@@ -31,7 +31,7 @@ import torch.fx as fx
 from . import limits
 from .errors import ConversionError, ConvifyError
 from .layers import overhang, same_padding
-from .ops import argument, op_for, op_name
+from .ops import argument, op_for, op_name, reduces_per_position
 from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
 
 __all__ = ["Geometry", "analyse_geometry", "window_of", "padding_mode"]
@@ -405,7 +405,7 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
             layers.append({"op": "input", "inputs": ()})
             spans[node] = (_Span(1, 0, 0), _Span(1, 0, 0))
             continue
-        splits_map = layout is not None and not layout.is_tensor and op_name(net, node) in ("chunk", "split") \
+        splits_map = layout is not None and not layout.is_tensor and getattr(op_for(net, node), "pieces", None) is not None \
             and any(n in spans for n in node.all_input_nodes)  # a tuple of maps
         if (layout is None or not layout.spatial) and not splits_map and node.op != "output":
             continue
@@ -454,7 +454,10 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
                 raise ConversionError(f"'{node.name}' ({name}) changes the map's size in a way convify cannot "
                                       "describe (only convolutions, pools and pads may)")
             op = op_for(net, node)
-            if not (op is not None and op.local) and not (name == "layer_norm" and _norm_is_local(net, node, layout)):
+            source = layouts[mapped[0]]
+            if not (op is not None and op.local) and not (name == "layer_norm" and _norm_is_local(net, node, layout)) \
+                    and not reduces_per_position(op, node.args, node.kwargs, len(source.shape),
+                                                 (source.hdims[0], source.wdims[0])):
                 global_context.append(node.name)  # normalises over the map (GroupNorm...) or unknown
             spans[node] = _merge(node, [spans[n] for n in mapped])
             layers.append({"op": "same", "inputs": tuple(index[n] for n in mapped)})

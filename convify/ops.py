@@ -36,7 +36,8 @@ from torch import nn
 from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, WindowLinear
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
-           "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES"]
+           "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES",
+           "reduces_per_position"]
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,15 @@ class Op:
         window: it slides a window over the map (convolutions, pools, pads): it moves the geometry.
         head: how the converter rewrites it in the classifier head, per position: ``"elementwise"``,
             ``"binary"``, ``"to_vector"``, ``"dim"``, ``"linear"``, ``"module"``, ``"layer_norm"``,
-            ``"getitem"``, ``"permute"`` (rules in :mod:`convify.convert`); None: it has no head rewrite.
+            ``"getitem"``, ``"permute"``, ``"reduce"`` (rules in :mod:`convify.convert`); None: it has no head
+            rewrite.
         dim: for ``head="dim"``: the position of the ``dim`` argument and its default.
         pool: ``"avg"`` or ``"max"`` when, at the end of the body, it is a global pool.
         shape_query: it reads a shape (``x.size()``), not values.
         pieces: for operations that return several tensors, how many, from the call's arguments
             ``(tensor, *args)`` and keywords, before it runs (so a file cannot ask for 10**7 views).
+        reduces: for reductions (mean, var, norm...), the position of their ``dim`` argument: over dimensions
+            that spare the map's (the channels: RMS and layer norms written out) they act per position.
     """
 
     name: str
@@ -72,6 +76,7 @@ class Op:
     pool: Optional[str] = None
     shape_query: bool = False
     pieces: Optional[Callable[[tuple, dict], int]] = None
+    reduces: Optional[int] = None
 
 
 # Tensor attributes a graph may read with getattr (fx records ``x.shape`` that way).
@@ -183,11 +188,15 @@ _TABLE: tuple[Op, ...] = (
     # -- global pools: the boundary between body and head ------------------------------------------
     Op("adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), (F.adaptive_avg_pool2d,), pool="avg"),
     Op("adaptive_max_pool2d", (nn.AdaptiveMaxPool2d,), (F.adaptive_max_pool2d,), pool="max"),
-    Op("mean", (), (torch.mean,), ("mean",), pool="avg"),
-    Op("amax", (), (torch.amax,), ("amax",), pool="max"),
-    Op("sum", (), (torch.sum,), ("sum",)),
+    Op("mean", (), (torch.mean,), ("mean",), pool="avg", head="reduce", reduces=1),
+    Op("amax", (), (torch.amax,), ("amax",), pool="max", head="reduce", reduces=1),
+    Op("sum", (), (torch.sum,), ("sum",), head="reduce", reduces=1),
     # a vector norm; over the map's positions (ConvNeXt-V2's GRN) it is global context, like SE's pool
-    Op("norm", (), (torch.norm, torch.linalg.vector_norm), ("norm",)),
+    Op("norm", (), (torch.norm, torch.linalg.vector_norm), ("norm",), head="reduce", reduces=2),
+    # statistics of a norm written out (timm's RmsNorm2d, LayerNorm2d): over the channels, per position
+    Op("var", (), (torch.var,), ("var",), head="reduce", reduces=1),
+    Op("std", (), (torch.std,), ("std",), head="reduce", reduces=1),
+    Op("var_mean", (), (torch.var_mean,), head="reduce", reduces=1, pieces=lambda args, kwargs: 2),
     # each phase of a finer map averaged apart (convify.finer): the map's size, but not per position
     Op("phase_avg_pool2d", (PhaseAvgPool2d,)),
     # -- per position ------------------------------------------------------------------------------
@@ -219,7 +228,9 @@ _TABLE: tuple[Op, ...] = (
     _elementwise("exp", functions=(torch.exp,), methods=("exp",)),
     _elementwise("neg", functions=(_numeric(operator.neg),), methods=("neg",)),
     _elementwise("clamp", functions=(torch.clamp,), methods=("clamp", "clamp_")),
-    _elementwise("sqrt", methods=("sqrt",)),
+    _elementwise("sqrt", functions=(torch.sqrt,), methods=("sqrt",)),
+    _elementwise("square", functions=(torch.square,), methods=("square",)),
+    _elementwise("rsqrt", functions=(torch.rsqrt,), methods=("rsqrt",)),
     _elementwise("pow", functions=(_numeric(_int_power), torch.pow), methods=("pow",)),
     _elementwise("contiguous", methods=("contiguous",)),
     _elementwise("clone", methods=("clone",)),
@@ -329,6 +340,19 @@ def module_classes() -> tuple[type, ...]:
 def module_op(module: nn.Module) -> Optional[Op]:
     """The table entry of what a layer computes, or None for layers convify does not know."""
     return _BY_MODULE.get(type(module))
+
+
+def reduces_per_position(op: Optional[Op], args: tuple, kwargs: dict, ndim: int, spatial: tuple[int, int]) -> bool:
+    """Whether a reduction (``op.reduces``) called with ``args``/``kwargs`` on an ``ndim`` tensor whose map
+    dimensions are ``spatial`` reduces only other dimensions (the channels): then it acts per position."""
+    if op is None or op.reduces is None:
+        return False
+    dims = argument(args, kwargs, op.reduces, ("dim",))
+    dims = [dims] if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and -ndim <= d < ndim for d in dims):
+        return False  # None: every dimension
+    return not {d % ndim for d in dims} & {d % ndim for d in spatial}
 
 
 def op_for(gm: Optional[nn.Module], node: fx.Node) -> Optional[Op]:

@@ -21,7 +21,7 @@ TORCHVISION_ZOO = [
 ]
 FLATTENING_HEADS = {"alexnet", "vgg11_bn", "vgg16"}  # a Linear over the flattened map: WindowLinear
 TIMM_ZOO = ["resnet18", "efficientnet_lite0", "mobilenetv3_large_100", "convnext_atto", "vgg11", "convnextv2_atto",
-            "nf_regnet_b1"]
+            "nf_regnet_b1", "convnext_zepto_rms", "tf_efficientnet_lite0"]
 NUM_CLASSES = 7
 convert_module = importlib.import_module("convify.convert")
 
@@ -138,7 +138,29 @@ class ValidPoolNet(nn.Module):
         return self.fc(self.body(x).mean([2, 3]))
 
 
-@pytest.mark.parametrize("model,size", [(ValidNet(), 36), (ValidNet(channels_last=False), 36), (ValidPoolNet(), 33)])
+class ChannelNorms(nn.Module):
+    """Norms written out over the channels, as timm's RmsNorm2d and LayerNorm2d are: an RMS norm
+    (``mean(x**2, 1)``, ``rsqrt``), a layer norm (``var_mean``) and a std in the body, an RMS norm (``square``,
+    ``mean`` over the last dimension) and ``var`` in the head. No padding: cells are the original on crops."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 5, stride=2), nn.Conv2d(8, 16, 3, stride=2)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = x * torch.rsqrt(torch.mean(x.pow(2), dim=1, keepdim=True) + 1e-5)
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        x = self.b((x - mean) * torch.rsqrt(var + 1e-5))
+        x = x / (x.std(dim=(1,), keepdim=True) + 1.0)
+        v = x.mean((2, 3))
+        v = v * torch.rsqrt(torch.square(v).mean(-1, keepdim=True) + 1e-5)
+        return self.fc(v) + torch.var(v, dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("model,size", [(ValidNet(), 36), (ValidNet(channels_last=False), 36), (ValidPoolNet(), 33),
+                                        (ChannelNorms(), 33)])
 def test_padding_free_cells_equal_the_original_on_their_crops(model, size):
     model.eval()
     fcn = convify.convert(model, input_size=size)
