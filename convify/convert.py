@@ -41,7 +41,7 @@ from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry
 from .layers import PointwiseConv2d, SamePad2d, WindowLinear
-from .ops import argument, op_for, op_name, unsupported_node
+from .ops import argument, op_for, op_name, unsupported_nodes
 from .tracing import (Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, same_padding_functions,
                       shape_of, trace)
 
@@ -752,19 +752,22 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
 
     An unknown operation that is attention (:func:`_attention_layer`) is refused as attention, naming the layer.
     """
-    found = unsupported_node(gm)
-    if found is None:
+    unknown = list(unsupported_nodes(gm))
+    if not unknown:
         return
-    node, what = found
-    layer = _attention_layer(gm, node)
-    if "attention" in what.lower() or layer is not None:
-        where = f"{layer} computes '{_node_label(node)}' ({what}), which" if layer else f"'{_node_label(node)}' ({what})"
-        raise ConversionError(f"{where} is attention (or token mixing): it mixes positions by weights computed from "
-                              "the image, "
-                              "which no convolution expresses; attention models (BotNet, HaloNet, LambdaNet, ViT, "
-                              "Swin) cannot be made fully convolutional")
-    raise ConversionError(f"'{_node_label(node)}' ({what}) is an operation convify does not support; models built "
-                          "from torch.nn layers and standard tensor functions convert")
+    # attention anywhere is the reason, even past an unknown operation before it (EdgeNeXt's positional encoding)
+    for node, what in unknown:
+        layer = _attention_layer(gm, node)
+        if "attention" in what.lower() or layer is not None:
+            break
+    else:
+        node, what = unknown[0]
+        raise ConversionError(f"'{_node_label(node)}' ({what}) is an operation convify does not support; models "
+                              "built from torch.nn layers and standard tensor functions convert")
+    where = f"{layer} computes '{_node_label(node)}' ({what}), which" if layer else f"'{_node_label(node)}' ({what})"
+    raise ConversionError(f"{where} is attention (or token mixing): it mixes positions by weights computed from the "
+                          "image, which no convolution expresses; attention models (BotNet, HaloNet, LambdaNet, ViT, "
+                          "Swin) cannot be made fully convolutional")
 
 
 # Products of two tensors: attention's queries times keys and weights times values.

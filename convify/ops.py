@@ -26,7 +26,7 @@ import builtins
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -37,7 +37,7 @@ from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, Win
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
            "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES",
-           "reduces_per_position"]
+           "reduces_per_position", "unsupported_nodes"]
 
 
 @dataclass(frozen=True)
@@ -389,12 +389,17 @@ def op_name(gm: nn.Module, node: fx.Node) -> str:
 
 def unsupported_node(gm: nn.Module) -> Optional[tuple[fx.Node, str]]:
     """The first node of ``gm`` whose operation is not in the table, with a description of it; else None."""
+    return next(unsupported_nodes(gm), None)
+
+
+def unsupported_nodes(gm: nn.Module) -> Iterator[tuple[fx.Node, str]]:
+    """Every node of ``gm`` whose operation is not in the table, with a description of it, in graph order."""
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module") and op_for(gm, node) is None:
             if node.op == "call_module":
                 cls = type(gm.get_submodule(node.target))
-                return node, f"{cls.__module__}.{cls.__name__}"
-            if node.op == "call_method":
-                return node, f"Tensor.{node.target}"
-            return node, function_key(node.target)
-    return None
+                yield node, f"{cls.__module__}.{cls.__name__}"
+            elif node.op == "call_method":
+                yield node, f"Tensor.{node.target}"
+            else:
+                yield node, function_key(node.target)

@@ -368,10 +368,22 @@ class WeightProduct(nn.Module):
         return (x.permute(0, 2, 3, 1) @ self.weight).permute(0, 3, 1, 2)
 
 
+class UnknownThenMixer(nn.Module):
+    """An unknown operation (a weight product) before attention: the reason given is the attention."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.first, self.then = WeightProduct(channels), Mixer(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.then(self.first(x))
+
+
 @pytest.mark.parametrize("body, message", [
     (Mixer, r"^'body\.1' \(Mixer\) computes 'matmul' \(_operator\.matmul\), which is attention \(or token mixing\): "
              r"it mixes positions"),
     (WeightProduct, r"^'matmul' \(_operator\.matmul\) is an operation convify does not support"),
+    (UnknownThenMixer, r"^'body\.1\.then' \(Mixer\) computes 'matmul_\d' \(_operator\.matmul\), which is attention"),
 ])
 def test_a_product_of_two_maps_is_attention_and_a_product_with_a_weight_is_not(body, message) -> None:
     model = nn.Sequential()
