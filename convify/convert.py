@@ -39,7 +39,7 @@ from torch import nn
 from . import limits
 from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
-from .geometry import analyse_geometry
+from .geometry import analyse_geometry, upsampling
 from .layers import PointwiseConv2d, SamePad2d, WindowLinear
 from .ops import argument, op_for, op_name, unsupported_nodes
 from .tracing import (Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, same_padding_functions,
@@ -147,6 +147,7 @@ class _Converter:
         self.rewrites: list[Rewrite] = []
         self.rewrites += _same_padding_layers(self.traced, self.example)
         _refuse_unknown_operations(self.traced)
+        _refuse_resizing(self.traced)
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.head: dict[fx.Node, _HeadValue] = {}
@@ -768,6 +769,15 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
     raise ConversionError(f"{where} is attention (or token mixing): it mixes positions by weights computed from the "
                           "image, which no convolution expresses; attention models (BotNet, HaloNet, LambdaNet, ViT, "
                           "Swin) cannot be made fully convolutional")
+
+
+def _refuse_resizing(gm: fx.GraphModule) -> None:
+    """Every upsampling must be one the geometry can place (:func:`convify.geometry.upsampling` says why not),
+    checked before the map is followed: a resize to a fixed size would otherwise look like the end of the body."""
+    for node in gm.graph.nodes:
+        if op_name(gm, node) == "upsample":
+            upsampling(gm.get_submodule(node.target) if node.op == "call_module" else None, node.args, node.kwargs,
+                       f"'{_node_label(node)}' ({_describe_node(gm, node)})")
 
 
 # Products of two tensors: attention's queries times keys and weights times values.

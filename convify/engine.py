@@ -604,11 +604,16 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
                       str(image) if isinstance(image, (str, os.PathLike)) else None, precision)
     meta, geometry = fcn.meta, fcn.geometry
     (width, height), capped = _target_size(picture.width, picture.height, size, geometry.window, max_pixels)
-    if min(geometry.output_size(height, width)) < 1:
+    too_small = min(width, height) < geometry.min_input_size()
+    if min(geometry.output_size(height, width)) < 1 and (too_small or capped or pad in ("none", None)):
         if capped:
             raise ImageError(f"the image is {picture.width}x{picture.height} px: scaled to fit the bounds on the "
                              f"network's input it is {width}x{height} px, and the network needs at least "
                              f"{geometry.min_input_size()} px a side (its aspect ratio is too extreme: crop it)")
+        if not too_small:  # padding (below) would find a size it runs at
+            raise ImageError(f"the network cannot run on {width}x{height} px: its branches merge maps whose sizes "
+                             f"agree only at some input sizes (multiples of its stride, {geometry.stride} px, "
+                             "always do); pad the image (pad='reflect') or resize it")
         raise ImageError(f"the image is {width}x{height} px at this size; the network needs at least "
                          f"{geometry.min_input_size()} px a side (use a larger size)")
     try:

@@ -130,12 +130,15 @@ def default_check_sizes(fcn: Any) -> list[tuple[int, int, int]]:
     """The ``(batch, height, width)`` inputs :func:`export_onnx` checks by default, for native size ``n``:
     ``n x n``; ``(n + 64) x (n + 64)``; ``(n + 33) x (n + 71)`` with a batch of 2; ``(n + 17) x (n + 1)``;
     and the smallest input that gives a map, when it is below ``n``. The odd offsets leave every remainder
-    a stride or a ceil-mode pool could depend on different from the native size's."""
-    n = fcn.meta.input_size
+    a stride or a ceil-mode pool could depend on different from the native size's. A network that runs only at
+    the native size plus whole strides (fused upsampled branches, HRNet) is checked at the next such sizes."""
+    n, g = fcn.meta.input_size, fcn.geometry
     sizes = [(1, n, n), (1, n + 64, n + 64), (2, n + 33, n + 71), (1, n + 17, n + 1)]
-    smallest = fcn.geometry.min_input_size()
+    smallest = g.min_input_size()
     if smallest < n:
         sizes.append((1, smallest, smallest))
+    if _whole_strides(g):  # it runs at the native size plus whole strides (HRNet): the next such sizes
+        sizes = list(dict.fromkeys((b, h + (n - h) % g.stride, w + (n - w) % g.stride) for b, h, w in sizes))
     return sizes
 
 
@@ -443,6 +446,12 @@ def _traced(form: nn.Module, geometry: Any, native: int) -> Any:
     dims = ({0: torch.export.Dim("batch", min=1, max=1 << 16),
              2: torch.export.Dim("height", min=smallest, max=limits.MAX_SIDE),
              3: torch.export.Dim("width", min=smallest, max=limits.MAX_SIDE)},)
+    if _whole_strides(geometry):  # sizes the native one plus whole strides: height = stride * cells + remainder
+        stride, rest = geometry.stride, native % geometry.stride
+        cells = torch.export.Dim("cells", min=max(1, -(-(smallest - rest) // stride)),
+                                 max=(limits.MAX_SIDE - rest) // stride)
+        cells_w = torch.export.Dim("cells_w", min=cells.min, max=cells.max)
+        dims = ({0: dims[0][0], 2: stride * cells + rest, 3: stride * cells_w + rest},)
     for attempt in range(3):
         try:
             with _size_oblivious():
@@ -456,10 +465,19 @@ def _traced(form: nn.Module, geometry: Any, native: int) -> Any:
     return exported
 
 
+def _whole_strides(geometry: Any) -> bool:
+    """Whether the network runs only where fused branches agree in size (HRNet's upsampled branches): the native
+    size plus whole strides always does; the export and its checks keep to those sizes."""
+    return any(layer["op"] == "upsample" for layer in geometry.layers)
+
+
 def _example_size(geometry: Any, native: int) -> tuple[int, int]:
     """Odd sizes above the native one (when the network runs at odd sizes) whose maps are at least 3x2."""
     def first(start: int, cells: int) -> int:
-        for size in range(start, min(start + 8 * geometry.stride, limits.MAX_SIDE) + 1):
+        if _whole_strides(geometry):
+            start += (native - start) % geometry.stride
+        for size in range(start, min(start + 8 * geometry.stride, limits.MAX_SIDE) + 1,
+                          geometry.stride if _whole_strides(geometry) else 1):
             if geometry.output_size(size)[0] >= cells:
                 return size
         return min(start, limits.MAX_SIDE)  # no such size: torch.export will say what fails

@@ -108,6 +108,9 @@ def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
     g = fcn.geometry
     if stride == g.stride:
         return fcn
+    if any(layer["op"] == "upsample" for layer in g.layers):
+        raise ConversionError("this network upsamples inside its body (as HRNet fuses its branches); convify cannot "
+                              f"make such a network finer (use its own stride, {g.stride})")
     if g.size_dependent:
         raise ConversionError("this network pads by the size of the map each layer meets (TensorFlow 'SAME' "
                               "padding), which a finer stride would change; convify cannot make it finer "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any, Optional
 
 import torch
@@ -34,7 +35,7 @@ from .layers import overhang, same_padding
 from .ops import argument, op_for, op_name, reduces_per_position
 from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
 
-__all__ = ["Geometry", "analyse_geometry", "window_of", "padding_mode"]
+__all__ = ["Geometry", "analyse_geometry", "window_of", "padding_mode", "upsampling"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,9 @@ class Geometry:
             need_start, need_end = self.input_span(first, last, length, axis)
             start = max(0, need_start) // self.stride * self.stride
             end = min(length, need_end)
-            if self.size_dependent:  # as long as the axis modulo the stride (exact_cells)
+            if self.size_dependent or self._axis_size(end - start, axis) < 1:
+                # as long as the axis modulo the stride: every layer meets the same remainders as on the whole axis,
+                # so it pads the same (exact_cells) and fused branches agree in size (HRNet) where the whole's do
                 end = min(length, end + (length - (end - start)) % self.stride)
             exact = self.exact_cells(start, end, length, axis)
             if exact[0] > first or exact[1] < last:  # cannot happen for a consistent geometry
@@ -267,8 +270,12 @@ class Geometry:
             elif layer["op"] == "same_pad":
                 before, after = same_padding(size, *(layer[key][axis] for key in _SAME_KEYS))
                 size, start = size + before + after, start - before * jump
+            elif layer["op"] == "upsample":
+                r = layer["scale"][axis]
+                span = _upsampled(_Span(jump, start, start), r, layer["mode"])
+                size, start, jump = size * r, span.start, span.jump
             sizes.append(size), starts.append(start), jumps.append(jump)
-        return (max(sizes[-1], 0), starts[-1]) if sizes else (n, 0)
+        return (max(sizes[-1], 0), math.floor(starts[-1])) if sizes else (n, 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for saving); :meth:`from_dict` reverses it."""
@@ -303,6 +310,11 @@ class Geometry:
         if not isinstance(layers, (list, tuple)) or len(layers) > limits.MAX_GRAPH_NODES:
             raise ValueError("geometry.layers must be a list")
         checked = tuple(_layer(layer, index, big) for index, layer in enumerate(layers))
+        total = 1
+        for layer in checked:
+            total *= math.prod(layer.get("scale", (1, 1)))
+            if total > _MAX_UPSAMPLING ** 2:
+                raise ValueError(f"geometry.layers upsample by more than {_MAX_UPSAMPLING} per axis in all")
         return cls(**values, global_context=tuple(context), layers=checked)
 
 
@@ -328,10 +340,11 @@ def _flag(data: dict, key: str) -> bool:
 def _layer(layer: Any, index: int, big: int) -> dict:
     """One checked entry of ``Geometry.layers`` (pairs as tuples); inputs must come before it."""
     where = f"geometry.layers[{index}]"
-    if not isinstance(layer, dict) or layer.get("op") not in ("input", "window", "same", "same_pad"):
-        raise ValueError(f"{where} must have an op of input, window, same or same_pad")
+    if not isinstance(layer, dict) or layer.get("op") not in ("input", "window", "same", "same_pad", "upsample"):
+        raise ValueError(f"{where} must have an op of input, window, same, same_pad or upsample")
     keys = {"op", "inputs"} | (set(_WINDOW_KEYS) | {"ceil_mode"} if layer["op"] == "window" else
-                               set(_SAME_KEYS) if layer["op"] == "same_pad" else set())
+                               set(_SAME_KEYS) if layer["op"] == "same_pad" else
+                               {"scale", "mode"} if layer["op"] == "upsample" else set())
     if layer.get("op") == "window" and "ceil_stride" in layer:  # a finer stride's pool (convify.finer)
         keys.add("ceil_stride")
     inputs = layer.get("inputs")
@@ -356,6 +369,13 @@ def _layer(layer: Any, index: int, big: int) -> dict:
             if not isinstance(pair_, (list, tuple)) or len(pair_) != 2:
                 raise ValueError(f"{where}.{key} must be a pair of integers")
             checked[key] = tuple(_bounded({key: v}, key, 1, big, where) for v in pair_)
+    if layer["op"] == "upsample":
+        if not isinstance(layer["scale"], (list, tuple)) or len(layer["scale"]) != 2:
+            raise ValueError(f"{where}.scale must be a pair of integers")
+        checked["scale"] = tuple(_bounded({"scale": v}, "scale", 1, _MAX_UPSAMPLING, where) for v in layer["scale"])
+        if layer["mode"] not in ("nearest", "bilinear"):
+            raise ValueError(f"{where}.mode must be nearest or bilinear")
+        checked["mode"] = layer["mode"]
     return checked
 
 
@@ -373,11 +393,12 @@ def _window_out(n: int, k: int, s: int, before: int, after: int, d: int, ceil_mo
 
 @dataclass(frozen=True)
 class _Span:
-    """Cell ``k`` of a layer sees input pixels ``[start + k * jump, end + k * jump]`` along one axis."""
+    """Cell ``k`` of a layer sees input pixels ``[start + k * jump, end + k * jump]`` along one axis (fractions of a
+    pixel after upsampling; the receptive field is then the least whole-pixel span around them)."""
 
-    jump: int
-    start: int
-    end: int
+    jump: Fraction
+    start: Fraction
+    end: Fraction
 
 
 def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor) -> Geometry:
@@ -436,6 +457,15 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
                            "stride": module.stride, "dilation": module.dilation})
             index[node] = len(layers) - 1
             continue
+        if name == "upsample":
+            (rh, rw), mode = upsampling(net.get_submodule(node.target) if node.op == "call_module" else None,
+                                        node.args, node.kwargs, f"'{node.name}'")
+            src = spans[mapped[0]]
+            spans[node] = (_upsampled(src[0], rh, mode), _upsampled(src[1], rw, mode))
+            padded |= mode == "bilinear"  # its edge rows repeat, as a replicate pad would
+            layers.append({"op": "upsample", "inputs": (index[mapped[0]],), "scale": (rh, rw), "mode": mode})
+            index[node] = len(layers) - 1
+            continue
         params = _window_params(net, node, layouts)
         if params is not None and padding_mode(name, net.get_submodule(node.target) if node.op == "call_module"
                                                else None, node.args, node.kwargs) == "circular":
@@ -468,8 +498,11 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
     if hy != hx:
         raise ConversionError(f"the network's geometry differs between height and width ({hy} vs {hx}); "
                               "convify supports square geometry only")
+    if hy.jump != int(hy.jump):
+        raise ConversionError(f"the network's cells are {hy.jump} px apart, not a whole number of pixels")
+    start, end = math.floor(hy.start), math.ceil(hy.end)  # a bound where upsampling made them fractions
     return Geometry(
-        stride=hy.jump, window=input_size, offset=0, receptive_field=hy.end - hy.start + 1, rf_offset=hy.start,
+        stride=int(hy.jump), window=input_size, offset=0, receptive_field=end - start + 1, rf_offset=start,
         local=not global_context, global_context=tuple(dict.fromkeys(global_context)), padded=padded,
         layers=tuple(layers),
     )
@@ -511,6 +544,55 @@ def _hangs_over(layouts: dict[fx.Node, Layout], src: fx.Node, params: tuple) -> 
 
 def _apply(src: _Span, k: int, s: int, before: int, after: int, d: int, ceil_mode: int) -> _Span:
     return _Span(src.jump * s, src.start - before * src.jump, src.end + (d * (k - 1) - before) * src.jump)
+
+
+def _upsampled(src: _Span, r: int, mode: str) -> _Span:
+    """The span after upsampling by ``r``: output cell ``p`` reads input cell ``floor(p / r)`` (nearest), or
+    ``floor((p + 0.5) / r - 0.5)`` and the next (bilinear); bounded by a span linear in ``p`` (``jump / r`` apart),
+    up to ``(r - 1) / r`` input cells wider than the cells that reach it."""
+    jump = Fraction(src.jump) / r
+    if mode == "nearest":
+        return _Span(jump, src.start - (r - 1) * jump, src.end)
+    return _Span(jump, src.start + (Fraction(1, 2) - Fraction(3, 2) * r) * jump,
+                 src.end + (Fraction(1, 2) + Fraction(r, 2)) * jump)
+
+
+def upsampling(module: Optional[torch.nn.Module], args: tuple, kwargs: dict, where: str) -> tuple[tuple[int, int], str]:
+    """``((rh, rw), mode)`` of an upsampling layer or ``F.interpolate`` call that convify can place: a whole scale
+    factor per axis, ``"nearest"`` (or ``"nearest-exact"``, the same at whole factors) or ``"bilinear"`` without
+    ``align_corners``. Those are translation-equivariant: the image moved by a cell of the input moves the output
+    by ``r`` cells.
+
+    Raises:
+        ConversionError: naming ``where`` and the reason: a target size (fixed, or another map's: its ratio
+            changes with the input's size), a fractional factor, ``align_corners`` or another mode.
+    """
+    if module is not None:
+        size, scale, mode = module.size, module.scale_factor, module.mode
+        corners = getattr(module, "align_corners", None)
+    else:
+        size, scale = argument(args, kwargs, 1, ("size",)), argument(args, kwargs, 2, ("scale_factor",))
+        mode, corners = argument(args, kwargs, 3, ("mode",), "nearest"), argument(args, kwargs, 4, ("align_corners",))
+    if size is not None:
+        raise ConversionError(f"{where} resizes the map to a target size, whose ratio to the map changes with the "
+                              "input's size: not translation-equivariant, so no fully-convolutional network equals it "
+                              "(upsampling by a fixed scale factor converts)")
+    factors = scale if isinstance(scale, (tuple, list)) else (scale, scale)
+    if len(factors) != 2 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 1 and f == int(f)
+                                    and f <= _MAX_UPSAMPLING for f in factors):
+        raise ConversionError(f"{where} resizes the map by {scale}; convify places upsampling by whole factors "
+                              f"(1 to {_MAX_UPSAMPLING}) only")
+    if mode in ("nearest", "nearest-exact"):
+        mode = "nearest"
+    elif mode != "bilinear" or corners:
+        raise ConversionError(f"{where} upsamples with mode {str(mode)[:20]!r}"
+                              f"{' and align_corners' if corners else ''}; convify places nearest and bilinear "
+                              "(align_corners=False) upsampling")
+    return (int(factors[0]), int(factors[1])), mode
+
+
+# The largest scale factor of one upsampling, and of all of them together (a geometry from a file is bounded).
+_MAX_UPSAMPLING = 64
 
 
 def _merge(node: fx.Node, spans: list[tuple[_Span, _Span]]) -> tuple[_Span, _Span]:

@@ -182,6 +182,8 @@ _TABLE: tuple[Op, ...] = (
     Op("finer_pool2d", (FinerPool2d,), window=True),
     # over a pooled channel vector (ECA's channel attention): not over the map, and not per position
     Op("conv1d", (nn.Conv1d,), (F.conv1d,)),
+    # upsampling by a whole factor (HRNet's fusion): the geometry places it (convify.geometry.upsampling)
+    Op("upsample", (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), (F.interpolate,)),
     # TensorFlow "SAME" padding, by the size of the map it meets (timm's tf_* models): a pad that moves with it
     Op("same_pad2d", (SamePad2d,), window=True),
     Op("pad", (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), (F.pad,), window=True),
