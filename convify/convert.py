@@ -40,9 +40,9 @@ from . import limits
 from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry, upsampling
-from .layers import PointwiseConv2d, SamePad2d, WindowLinear
+from .layers import PointwiseConv2d, SamePad2d, SpaceToDepth, WindowLinear
 from .ops import argument, op_for, op_name, unsupported_nodes
-from .tracing import (Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, same_padding_functions,
+from .tracing import (Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, library_leaves,
                       shape_of, trace)
 
 __all__ = ["convert"]
@@ -146,6 +146,7 @@ class _Converter:
         self.traced = trace(original, self.example)
         self.rewrites: list[Rewrite] = []
         self.rewrites += _same_padding_layers(self.traced, self.example)
+        self.rewrites += _space_to_depth_layers(self.traced)
         _refuse_unknown_operations(self.traced)
         _refuse_resizing(self.traced)
         self.graph = fx.Graph()
@@ -696,14 +697,14 @@ def _same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewr
     """Make every traced call of a TensorFlow "SAME" padding function a :class:`~convify.layers.SamePad2d` layer.
 
     timm's ``pad_same(x, kernel_size, stride, dilation, value)`` (traced as one call, see
-    :func:`convify.tracing.same_padding_functions`) pads by the size of the map it meets; the layer does the
+    :data:`convify.tracing.LIBRARY_LEAVES`) pads by the size of the map it meets; the layer does the
     same for every input, where the native size's constant padding would be wrong at other sizes. Its window
     arguments may be computed in the graph (``weight.shape[-2:]``): they are read off a run at the native size.
 
     Returns:
         The rewrites made, one per call.
     """
-    functions = same_padding_functions()
+    functions = library_leaves("same_pad")
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in functions]
     values: Optional[dict[fx.Node, Any]] = None
     rewrites = []
@@ -769,6 +770,27 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
     raise ConversionError(f"{where} is attention (or token mixing): it mixes positions by weights computed from the "
                           "image, which no convolution expresses; attention models (BotNet, HaloNet, LambdaNet, ViT, "
                           "Swin) cannot be made fully convolutional")
+
+
+def _space_to_depth_layers(gm: fx.GraphModule) -> list[Rewrite]:
+    """Make every library space-to-depth layer (timm's ``SpaceToDepth``, TResNet's stem, traced as one call) a
+    :class:`~convify.layers.SpaceToDepth`, which folds blocks the same way and is a window the geometry places."""
+    classes = tuple(library_leaves("space_to_depth"))
+    rewrites = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), classes):
+            continue
+        old = gm.get_submodule(node.target)
+        block = getattr(old, "bs", getattr(old, "block_size", None))
+        try:
+            layer = SpaceToDepth(block)
+        except ValueError as e:
+            raise ConversionError(f"'{node.target}' ({type(old).__name__}): {e}") from None
+        gm.add_submodule(node.target, layer)  # the same path, now convify's layer
+        rewrites.append(Rewrite(node.target, f"{type(old).__module__}.{type(old).__name__}", repr(layer)))
+    if rewrites:
+        gm.recompile()
+    return rewrites
 
 
 def _refuse_resizing(gm: fx.GraphModule) -> None:

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "SamePad2d", "overhang", "same_padding"]
+__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "SamePad2d", "SpaceToDepth", "overhang",
+           "same_padding"]
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -258,3 +259,32 @@ class SamePad2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, value={self.value}"
+
+
+class SpaceToDepth(nn.Module):
+    """Each ``block x block`` block of the map folded into channels (TResNet's stem, timm's ``SpaceToDepth``):
+    channel ``(i * block + j) * C + c`` of output position ``(y, x)`` is channel ``c`` of input position
+    ``(y * block + i, x * block + j)``. A window of ``block`` at stride ``block``: rows and columns past the last
+    whole block are left out (as a convolution of that kernel and stride leaves them), where timm's views would fail.
+
+    ``(N, C, H, W) -> (N, C * block**2, H // block, W // block)``.
+    """
+
+    MAX_BLOCK = 64
+
+    def __init__(self, block_size: int = 4) -> None:
+        super().__init__()
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= self.MAX_BLOCK:
+            raise ValueError(f"block_size must be an integer from 1 to {self.MAX_BLOCK}, got {str(block_size)[:40]}")
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, C * block**2, H // block, W // block)``."""
+        b = self.block_size
+        n, c, h, w = x.shape
+        x = x[:, :, :h // b * b, :w // b * b]
+        x = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)  # (N, b, b, C, H/b, W/b)
+        return x.reshape(n, c * b * b, h // b, w // b)
+
+    def extra_repr(self) -> str:
+        return f"block_size={self.block_size}"

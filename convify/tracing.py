@@ -23,14 +23,16 @@ from torch import nn
 from .errors import ConversionError
 
 __all__ = ["trace", "check_names", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
-           "walk_inputs", "node_arg", "pair"]
+           "walk_inputs", "node_arg", "pair", "library_leaves", "LIBRARY_LEAVES"]
 
 
 class _ConcreteTracer(fx.Tracer):
     """An fx tracer that resolves data-dependent ``bool(proxy)`` by running on an example input."""
 
     def __init__(self, example: torch.Tensor) -> None:
-        super().__init__(autowrap_functions=same_padding_functions())
+        leaves = library_leaves()
+        super().__init__(autowrap_functions=tuple(f for f in leaves if not isinstance(f, type)))
+        self._leaf_classes = tuple(c for c in leaves if isinstance(c, type))
         self._example = example
         self._evaluating = False
 
@@ -41,6 +43,9 @@ class _ConcreteTracer(fx.Tracer):
                 "equals it; only branches on shapes can be converted"
             )
         return bool(self._evaluate(obj.node))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self._leaf_classes) or super().is_leaf_module(m, module_qualified_name)
 
     # While evaluating, module calls and attribute reads are real, not recorded.
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -70,20 +75,27 @@ class _ConcreteTracer(fx.Tracer):
             self._evaluating = False
 
 
-# Functions that pad a map by TensorFlow's "SAME" rule from its size at run time: ``(module, name)``, looked up only
-# when the library is already imported (a model of it is being traced). They are traced as one call each, which
-# the converter turns into a :class:`convify.layers.SamePad2d` (not into the size arithmetic inside them).
-_SAME_PADDING_FUNCTIONS = (("timm.layers.padding", "pad_same"), ("timm.models.layers.padding", "pad_same"))
+# Library code traced as one call each, not through its Python, which a pass of the converter replaces by a convify
+# layer: ``(module, name) -> what it computes``. Looked up only where the library is already imported (a model of it
+# is being traced). timm's ``pad_same`` pads by TensorFlow's "SAME" rule from the map's size at run time (the size
+# arithmetic inside it must not be frozen); its ``SpaceToDepth`` is TResNet's stem (views that fold 4x4 blocks).
+LIBRARY_LEAVES: dict[tuple[str, str], str] = {
+    ("timm.layers.padding", "pad_same"): "same_pad",
+    ("timm.models.layers.padding", "pad_same"): "same_pad",
+    ("timm.layers.space_to_depth", "SpaceToDepth"): "space_to_depth",
+    ("timm.models.layers.space_to_depth", "SpaceToDepth"): "space_to_depth",
+}
 
 
-def same_padding_functions() -> tuple[Callable, ...]:
-    """The "SAME" padding functions of libraries already imported (see :data:`_SAME_PADDING_FUNCTIONS`)."""
-    found = []
-    for module_name, name in _SAME_PADDING_FUNCTIONS:
-        function = getattr(sys.modules.get(module_name), name, None)
-        if callable(function) and function not in found:
-            found.append(function)
-    return tuple(found)
+def library_leaves(kind: Optional[str] = None) -> dict[Any, str]:
+    """The functions and layer classes of :data:`LIBRARY_LEAVES` whose libraries are imported (of ``kind`` only,
+    if given), each with what it computes."""
+    found: dict[Any, str] = {}
+    for (module_name, name), what in LIBRARY_LEAVES.items():
+        value = getattr(sys.modules.get(module_name), name, None)
+        if callable(value) and (kind is None or what == kind):
+            found.setdefault(value, what)
+    return found
 
 
 def walk_inputs(node: fx.Node, stop: Callable[[fx.Node], bool] = lambda n: False) -> Iterator[fx.Node]:
