@@ -510,7 +510,13 @@ def _axis_symbols(exported: Any) -> dict[str, str]:
     fixed = [axis for axis, dim in axes if isinstance(shape[dim], int)]
     if fixed:
         raise ConversionError(f"cannot export to ONNX: torch.export fixed the {' and '.join(fixed)} of the input")
-    return {str(shape[dim]): axis for axis, dim in axes}
+    symbols = {}
+    for axis, dim in axes:  # a size of whole strides is an expression of one symbol: 32*s53 + 0 (height_cells)
+        expression = str(shape[dim])
+        found = set(re.findall(r"\b[A-Za-z_]\w*\b", expression))
+        if len(found) == 1:
+            symbols[found.pop()] = axis if re.fullmatch(r"[A-Za-z_]\w*", expression) else f"{axis}_cells"
+    return symbols
 
 
 def _name_axes(model: Any, symbols: dict[str, str]) -> None:
