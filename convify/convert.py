@@ -42,7 +42,7 @@ from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry, upsampling
 from .layers import PointwiseConv2d, SamePad2d, SpaceToDepth, WindowLinear
 from .ops import argument, op_for, op_name, unsupported_nodes
-from .tracing import (Layout, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, library_leaves,
+from .tracing import (Layout, eliminate_dead_code, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, library_leaves,
                       shape_of, trace)
 
 __all__ = ["convert"]
@@ -267,7 +267,7 @@ class _Converter:
                 self._boundary(node, spatial_inputs, layouts)
             else:
                 self._head(node, layouts)
-        _eliminate_dead_code(self.graph)
+        eliminate_dead_code(self.graph)
         self.graph.lint()
         return self._graph_module(), self.rewrites
 
@@ -739,7 +739,7 @@ def _same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewr
         rewrites.append(Rewrite(target, f"{node.target.__module__}.{node.target.__name__} (TensorFlow 'SAME' padding)",
                                 f"SamePad2d({layer.extra_repr()})"))
     if nodes:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return rewrites
@@ -825,15 +825,6 @@ def _attention_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     if target.strip("_") in _PRODUCTS and len(computed) >= 2:
         return f"'{layers[-1][0]}' ({layers[-1][1]})" if layers else f"'{node.name}'"
     return None
-
-
-def _eliminate_dead_code(graph: fx.Graph) -> None:
-    """Remove nodes whose values nobody uses (the head's old shape arithmetic), sparing in-place ops."""
-    for node in reversed(list(graph.nodes)):
-        in_place = (isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")) \
-            or node.kwargs.get("inplace") is True
-        if not node.users and node.op not in ("output", "placeholder") and not in_place:
-            graph.erase_node(node)
 
 
 def _feeds_windowed_op(gm: fx.GraphModule, node: fx.Node) -> bool:

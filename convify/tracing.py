@@ -23,7 +23,8 @@ from torch import nn
 from .errors import ConversionError
 
 __all__ = ["trace", "check_names", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
-           "walk_inputs", "node_arg", "pair", "library_leaves", "LIBRARY_LEAVES"]
+           "walk_inputs", "node_arg", "pair", "library_leaves", "LIBRARY_LEAVES",
+           "eliminate_dead_code"]
 
 
 class _ConcreteTracer(fx.Tracer):
@@ -244,8 +245,18 @@ def _remove_eval_noops(gm: fx.GraphModule) -> None:
         if is_noop:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.recompile()
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Remove nodes whose values nobody uses, sparing in-place operations: ``x.mul_(gain)`` (NF-Net's skip-init
+    gain) has no users but changes ``x``; fx's own ``eliminate_dead_code`` would drop it."""
+    for node in reversed(list(graph.nodes)):
+        in_place = (isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")) \
+            or node.kwargs.get("inplace") is True or getattr(node.target, "__name__", "") in ("iadd", "imul")
+        if not node.users and node.op not in ("output", "placeholder") and not in_place and not node.is_impure():
+            graph.erase_node(node)
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:

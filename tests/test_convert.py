@@ -322,6 +322,30 @@ def test_a_crafted_conv1d_in_a_file_is_refused(tmp_path, field, value, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eca.fcn.pt", "evil.fcn.pt"]
 
 
+class SkipInitGain(nn.Module):
+    """NF-Net's residual branch: ``out.mul_(gain)`` in place, its result unused (timm's skipinit_gain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.branch = nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 8, 3, padding=1)
+        self.gain = nn.Parameter(torch.tensor(0.25))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        out = self.branch(x)
+        out.mul_(self.gain)
+        return self.fc((out + x).mean((2, 3)))
+
+
+def test_an_in_place_operation_whose_result_is_unused_is_kept():
+    """Dropping ``out.mul_(gain)`` as dead code (fx's own rule) would change every output: dm_nfnet did."""
+    model = SkipInitGain().eval()
+    fcn = convify.convert(model, input_size=32)
+    assert fcn.check["max_abs_diff"] < 1e-6
+    assert any(node.target == "mul_" for node in fcn.net.graph.nodes)
+
+
 def test_vit_is_refused_with_a_reason():
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
                                                hidden_dim=16, mlp_dim=32, num_classes=3)
