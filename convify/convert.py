@@ -764,6 +764,11 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
             break
     else:
         node, what = unknown[0]
+        layer = next(filter(None, (_attention_layer(gm, n, named_only=True) for n in gm.graph.nodes)), None)
+        if layer is not None:  # an unknown operation outside it (MobileViT-v2's unfolding), attention inside
+            raise ConversionError(f"the model holds attention ({layer}), and '{_node_label(node)}' ({what}) is an "
+                                  "operation convify does not support; attention mixes positions by weights computed "
+                                  "from the image, which no convolution expresses")
         raise ConversionError(f"'{_node_label(node)}' ({what}) is an operation convify does not support; models "
                               "built from torch.nn layers and standard tensor functions convert")
     where = f"{layer} computes '{_node_label(node)}' ({what}), which" if layer else f"'{_node_label(node)}' ({what})"
@@ -806,12 +811,12 @@ def _refuse_resizing(gm: fx.GraphModule) -> None:
 _PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm", "scaled_dot_product_attention"}
 
 
-def _attention_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+def _attention_layer(gm: fx.GraphModule, node: fx.Node, named_only: bool = False) -> Optional[str]:
     """``'path' (Class)`` of the attention layer an unknown operation belongs to, or None if it is not attention.
 
     It is attention when a layer around it (torch.fx's ``nn_module_stack``) is named for attention
-    (``...Attn``, ``...Attention``, ``Lambda...``), or when it multiplies two tensors computed from the image
-    (not a weight): the innermost layer around it is then named.
+    (``...Attn``, ``...Attention``, ``Lambda...``), or (unless ``named_only``) when it multiplies two tensors
+    computed from the image (not a weight): the innermost layer around it is then named.
     """
     layers = []
     for path, kind in (node.meta.get("nn_module_stack") or {}).values():
@@ -820,6 +825,8 @@ def _attention_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         lower = name.lower()
         if "attn" in lower or "attention" in lower or lower.startswith("lambda"):
             return f"'{path}' ({name})"
+    if named_only:
+        return None
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     computed = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node) and a.op != "get_attr"]
     if target.strip("_") in _PRODUCTS and len(computed) >= 2:

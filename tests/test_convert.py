@@ -407,7 +407,26 @@ class UnknownThenMixer(nn.Module):
         return self.then(self.first(x))
 
 
+class GatedAttention(nn.Module):
+    """A layer named for attention, built only of operations convify knows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class UnknownBesideNamedAttention(nn.Module):
+    """An unknown operation outside attention, attention of known operations after it (MobileViT-v2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.first, self.then = WeightProduct(channels), GatedAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.then(self.first(x))
+
+
 @pytest.mark.parametrize("body, message", [
+    (UnknownBesideNamedAttention, r"^the model holds attention \('body\.1\.then' \(GatedAttention\)\), and 'matmul' "),
     (Mixer, r"^'body\.1' \(Mixer\) computes 'matmul' \(_operator\.matmul\), which is attention \(or token mixing\): "
              r"it mixes positions"),
     (WeightProduct, r"^'matmul' \(_operator\.matmul\) is an operation convify does not support"),
