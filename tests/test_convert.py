@@ -414,7 +414,7 @@ class GatedAttention(nn.Module):
         return x * torch.sigmoid(x)
 
 
-class UnknownBesideNamedAttention(nn.Module):
+class UnknownBesideGate(nn.Module):
     """An unknown operation outside attention, attention of known operations after it (MobileViT-v2)."""
 
     def __init__(self, channels: int) -> None:
@@ -426,7 +426,7 @@ class UnknownBesideNamedAttention(nn.Module):
 
 
 @pytest.mark.parametrize("body, message", [
-    (UnknownBesideNamedAttention, r"^the model holds attention \('body\.1\.then' \(GatedAttention\)\), and 'matmul' "),
+    (UnknownBesideGate, r"^the model holds attention \('body\.1\.then' \(GatedAttention\)\), and 'matmul' "),
     (Mixer, r"^'body\.1' \(Mixer\) computes 'matmul' \(_operator\.matmul\), which is attention \(or token mixing\): "
              r"it mixes positions"),
     (WeightProduct, r"^'matmul' \(_operator\.matmul\) is an operation convify does not support"),
