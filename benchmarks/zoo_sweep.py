@@ -21,7 +21,8 @@ the rate per source and the refusals grouped by reason:
 
 ``--log FILE`` appends each outcome as a JSON line as it finishes and skips architectures the file already holds,
 so a long sweep can be stopped and resumed; with ``--shuffle`` (a fixed order from ``--seed``) the outcomes so
-far are a uniform random sample of the whole, and the rates printed are over what the log holds.
+far are a uniform random sample of the whole, and the rates printed are over what the log holds. ``--retry`` runs
+again what the log holds as refused or error (after a fix); the last line of an architecture is its outcome.
 """
 from __future__ import annotations
 
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write every outcome to this JSON file")
     parser.add_argument("--log", help="append each outcome to this JSON-lines file; skip what it already holds")
     parser.add_argument("--shuffle", action="store_true", help="a random order (from --seed), not by name")
+    parser.add_argument("--retry", action="store_true",
+                        help="with --log: run again what the log holds as refused or error (after a fix)")
     parser.add_argument("--one", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -152,6 +155,9 @@ def main() -> None:
                 done_before = [json.loads(line) for line in f if line.strip()]
         except FileNotFoundError:
             pass
+        if args.retry:  # the last outcome of each architecture decides; failures run again
+            last = {(r["source"], r["name"]): r for r in done_before}
+            done_before = [r for r in last.values() if r["outcome"] in ("pass", "attention")]
         seen = {(r["source"], r["name"]) for r in done_before}
         done_before = [r for r in done_before if (r["source"], r["name"]) in set(todo)]
         todo = [item for item in todo if item not in seen]
