@@ -40,7 +40,7 @@ from . import limits
 from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry, upsampling
-from .layers import PointwiseConv2d, SamePad2d, SpaceToDepth, WindowLinear
+from .layers import PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d, WindowLinear
 from .ops import argument, op_for, op_name, unsupported_nodes
 from .tracing import (Layout, eliminate_dead_code, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, library_leaves,
                       shape_of, trace)
@@ -308,6 +308,9 @@ class _Converter:
         if len(spatial_inputs) == 1 and op is not None and op.pool and out_layout.known and not out_layout.flattened:
             self._global_pool(node, src, src_layout, out_layout, op.pool)
             return
+        if len(spatial_inputs) == 1 and _is_attention_pool(gm, node):
+            self._attention_pool(node, src, src_layout, out_layout)
+            return
         if len(spatial_inputs) == 1 and name in ("flatten", "view", "reshape") and out_layout.shape is not None:
             n, features = out_layout.shape[0], math.prod(src_layout.shape[1:])
             if len(out_layout.shape) == 2 and out_layout.shape == (n, features) and len(src_layout.shape) == 4:
@@ -322,6 +325,21 @@ class _Converter:
             f"'{_node_label(node)}' ({label}) turns the feature map into something that is not a "
             "global pool nor a flattened vector; convify cannot express it per position"
         )
+
+    def _attention_pool(self, node: fx.Node, src: fx.Node, src_layout: Layout, out_layout: Layout) -> None:
+        """An attention-pooling head over the whole native map becomes the same head on every window of that size
+        (:class:`~convify.layers.WindowAttentionPool2d`): a vector per position, as a global pool's."""
+        module = self.traced.get_submodule(node.target)
+        h, w = src_layout.shape[src_layout.hdims[0]], src_layout.shape[src_layout.wdims[0]]
+        if node.kwargs or len(node.args) != 1 or out_layout.shape is None or len(out_layout.shape) != 2:
+            raise ConversionError(f"'{node.target}' ({type(module).__name__}) is called in a way convify cannot "
+                                  "rewrite (pre_logits, or a map out); as the head of a classifier it converts")
+        layer = attention_pool_windows(module, (h, w))
+        x = self._to_nchw(self.env[src], src_layout.hdims[0], src_layout.wdims[0], src_layout.channel_dim)
+        self.env[node] = self.graph.call_module(self._add_module(node.target, layer, (node.target,)), (x,))
+        self.head[node] = _HeadValue(out_layout.shape, inserted=True, spatial=(2, 3))
+        self.rewrites.append(Rewrite(node.target, f"{type(module).__name__} over the {h}x{w} map",
+                                     f"WindowAttentionPool2d({layer.extra_repr()}) on every {h}x{w} window"))
 
     def _global_pool(self, node: fx.Node, src: fx.Node, src_layout: Layout, out_layout: Layout,
                      kind: str) -> None:
@@ -754,7 +772,7 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
 
     An unknown operation that is attention (:func:`_attention_layer`) is refused as attention, naming the layer.
     """
-    unknown = list(unsupported_nodes(gm))
+    unknown = [(node, what) for node, what in unsupported_nodes(gm) if not _is_attention_pool(gm, node)]
     if not unknown:
         return
     # attention anywhere is the reason, even past an unknown operation before it (EdgeNeXt's positional encoding)
@@ -764,7 +782,8 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
             break
     else:
         node, what = unknown[0]
-        layer = next(filter(None, (_attention_layer(gm, n, named_only=True) for n in gm.graph.nodes)), None)
+        layer = next(filter(None, (_attention_layer(gm, n, named_only=True) for n in gm.graph.nodes
+                                   if not _is_attention_pool(gm, n))), None)
         if layer is not None:  # an unknown operation outside it (MobileViT-v2's unfolding), attention inside
             raise ConversionError(f"the model holds attention ({layer}), and '{_node_label(node)}' ({what}) is an "
                                   "operation convify does not support; attention mixes positions by weights computed "
@@ -796,6 +815,46 @@ def _space_to_depth_layers(gm: fx.GraphModule) -> list[Rewrite]:
     if rewrites:
         gm.recompile()
     return rewrites
+
+
+def _is_attention_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` calls a library attention-pooling head (traced as one call: tracing.LIBRARY_LEAVES)."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), tuple(library_leaves("attention_pool")))
+
+
+def attention_pool_windows(module: nn.Module, native: tuple[int, int]) -> WindowAttentionPool2d:
+    """timm's ``AttentionPool2d`` (CLIP's ResNets' head) as a :class:`~convify.layers.WindowAttentionPool2d` over
+    windows of ``native``, the map's ``(h, w)`` at the native input size; its positional embedding as the original
+    uses it there (resampled by timm when the map is not its ``feat_size``).
+
+    Raises:
+        ConversionError: a form the layer does not compute (no token pooling).
+    """
+    if getattr(module, "pool_type", "token") != "token":
+        raise ConversionError(f"{type(module).__name__} without token pooling gives a map, not a vector; convify "
+                              "converts it as a classifier's head only")
+    from timm.layers import resample_abs_pos_embed
+
+    with torch.no_grad():
+        pos = resample_abs_pos_embed(module.pos_embed.unsqueeze(0), native, old_size=module.feat_size,
+                                     num_prefix_tokens=1)[0]
+        if module.qkv is not None:
+            weight = module.qkv.weight
+            bias = module.qkv.bias if module.qkv.bias is not None else weight.new_zeros(weight.shape[0])
+        else:
+            weight = torch.cat([module.q.weight, module.k.weight, module.v.weight])
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                              for m in (module.q, module.k, module.v)])
+        proj = module.proj if isinstance(module.proj, nn.Linear) else None
+        layer = WindowAttentionPool2d(module.in_features, module.embed_dim, proj.out_features if proj else 0,
+                                      module.num_heads, native, class_token=module.cls_token is not None)
+        layer.qkv_weight.copy_(weight), layer.qkv_bias.copy_(bias), layer.pos.copy_(pos)
+        if module.cls_token is not None:
+            layer.cls.copy_(module.cls_token.reshape(-1))
+        if proj is not None:
+            layer.proj_weight.copy_(proj.weight)
+            layer.proj_bias.copy_(proj.bias if proj.bias is not None else torch.zeros_like(layer.proj_bias))
+    return layer.to(weight.device, weight.dtype).eval()
 
 
 def _refuse_resizing(gm: fx.GraphModule) -> None:

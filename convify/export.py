@@ -46,7 +46,8 @@ from torch import nn
 
 from . import limits
 from .errors import ConversionError, ConvifyError, OutputExistsError
-from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, WindowLinear
+from .layers import (FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d,
+                     WindowLinear)
 from .ops import argument
 from .outputs import ensure_directory, write_atomic
 from .serialize import StoredGraph, graph_steps, run_step, substitute
@@ -246,6 +247,10 @@ class _ExportForm(nn.Module):
                 env[index] = _phase_avg_pool(layer, *args, **kwargs)
             elif isinstance(layer, SamePad2d):
                 env[index] = _same_pad(layer, *args, **kwargs)
+            elif isinstance(layer, SpaceToDepth):
+                env[index] = _space_to_depth(layer, *args, **kwargs)
+            elif isinstance(layer, WindowAttentionPool2d):
+                env[index] = _window_attention_pool(layer, *args, **kwargs)
             else:
                 env[index] = run_step(self.net, step, args, kwargs)
             for freed in step.frees:
@@ -296,6 +301,49 @@ def _same_pad(layer: SamePad2d, x: torch.Tensor) -> torch.Tensor:
         total = _same_total(x.shape[2 + axis], layer.kernel_size[axis], layer.stride[axis], layer.dilation[axis])
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=layer.value)
+
+
+def _space_to_depth(layer: SpaceToDepth, x: torch.Tensor) -> torch.Tensor:
+    """:class:`SpaceToDepth` as a grouped convolution with one-hot kernels (a window at stride ``block``: it leaves
+    partial blocks out with no slice of a size torch.export would have to guard), then its channel order."""
+    b, c = layer.block_size, x.shape[1]
+    taps = torch.eye(b * b, dtype=x.dtype, device=x.device).reshape(b * b, 1, b, b).repeat(c, 1, 1, 1)
+    out = F.conv2d(x, taps, stride=b, groups=c)  # channel c * b * b + t
+    order = torch.arange(c * b * b, device=x.device).reshape(c, b * b).t().reshape(-1)  # -> t * c + c'
+    return out[:, order]
+
+
+def _window_attention_pool(layer: WindowAttentionPool2d, x: torch.Tensor) -> torch.Tensor:
+    """:class:`WindowAttentionPool2d` with each place of the window as a shifted slice of the key and value maps
+    (no unfolding into a sequence, no attention kernel: sizes torch.export keeps dynamic, batch 1 included)."""
+    (kh, kw), e, heads = layer.window, layer.embed_dim, layer.num_heads
+    n, _, h, w = x.shape
+    rows, cols, d = h - kh + 1, w - kw + 1, e // heads
+    wq, wk, wv = layer.qkv_weight.split(e)
+    bq, bk, bv = layer.qkv_bias.split(e)
+    pos_k, pos_v = F.linear(layer.pos, wk, bk), F.linear(layer.pos, wv, bv)
+    maps_k, maps_v = (F.conv2d(x, wt[:, :, None, None]) for wt in (wk, wv))
+    if layer.class_token:  # the same first token for every window: (1, E, 1, 1), broadcast
+        first = layer.cls + layer.pos[0]
+        q0, k0, v0 = (F.linear(first, wt, bt).reshape(1, e, 1, 1) for wt, bt in ((wq, bq), (wk, bk), (wv, bv)))
+    else:
+        q0 = F.avg_pool2d(F.conv2d(x, wq[:, :, None, None]), (kh, kw), 1) + F.linear(layer.pos[0], wq, bq)[:, None, None]
+        k0 = F.avg_pool2d(maps_k, (kh, kw), 1) + pos_k[0][:, None, None]
+        v0 = F.avg_pool2d(maps_v, (kh, kw), 1) + pos_v[0][:, None, None]
+    def split(t: torch.Tensor) -> torch.Tensor:  # (N or 1, E, R or 1, C or 1) -> (N or 1, heads, d, R or 1, C or 1)
+        return t.reshape(t.shape[0], heads, d, t.shape[2], t.shape[3])
+
+    query = split(q0) * d ** -0.5
+    keys, values = [k0], [v0]
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        keys.append(maps_k[:, :, i:i + rows, j:j + cols] + pos_k[t + 1][:, None, None])
+        values.append(maps_v[:, :, i:i + rows, j:j + cols] + pos_v[t + 1][:, None, None])
+    scores = torch.stack([(query * split(k)).sum(2).expand(n, heads, rows, cols) if t == 0 else (query * split(k)).sum(2)
+                          for t, k in enumerate(keys)], 2).softmax(2)
+    out = sum(scores[:, :, t, None] * split(v) for t, v in enumerate(values))
+    out = out.reshape(n, e, rows, cols)
+    return F.conv2d(out, layer.proj_weight[:, :, None, None], layer.proj_bias) if layer.out_features else out
 
 
 def _ceil_mode_pool(step: Any, layer: Optional[nn.Module], args: tuple, kwargs: dict) -> Optional[FinerPool2d]:

@@ -685,6 +685,9 @@ def window_of(name: str, module: Optional[torch.nn.Module], args: tuple, kwargs:
             ceil = arg(5 if name == "max_pool2d" else 4, "ceil_mode", False)
         k, s, p, d = pair(k), pair(s or k), pair(p), pair(d)
         return tuple((k[a], s[a], p[a], p[a], d[a], int(bool(ceil))) for a in (0, 1))
+    if name == "window_attention_pool2d":
+        (kh, kw) = module.window
+        return ((kh, 1, 0, 0, 1, 0), (kw, 1, 0, 0, 1, 0))
     if name == "space_to_depth":
         b = module.block_size
         return ((b, b, 0, 0, 1, 0), (b, b, 0, 0, 1, 0))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "SamePad2d", "SpaceToDepth", "overhang",
+__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "SamePad2d", "SpaceToDepth", "WindowAttentionPool2d", "overhang",
            "same_padding"]
 
 
@@ -288,3 +288,93 @@ class SpaceToDepth(nn.Module):
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}"
+
+
+class WindowAttentionPool2d(nn.Module):
+    """An attention-pooling head (CLIP's ResNets, timm's ``AttentionPool2d``) applied to every ``window`` of the map.
+
+    The original pools a whole ``kh x kw`` map: its tokens (each position's features), a first token (their mean,
+    or a learned class token) in front, a positional embedding added, then multi-head attention of the first
+    token's query over all tokens' keys and values, and an output projection. This layer gives, at every stride-1
+    position of a larger map, that result for the ``kh x kw`` window there: exactly the original at the native size.
+
+    The projections are linear, so they are taken once per map position, not once per window: a token's key is
+    ``W_k x + W_k pos_i + b_k`` with ``W_k x`` a 1x1 convolution of the map and ``W_k pos_i + b_k`` a table per
+    place ``i`` in the window; the mean token's is the window's mean of ``W_k x``. Only the first token's output is
+    kept, so only its query is computed.
+
+    Attributes (constructor arguments): ``in_features`` (C), ``embed_dim`` (E, a multiple of ``num_heads``),
+    ``out_features`` (K; 0: no output projection, the output is E), ``num_heads``, ``window`` ``(kh, kw)``,
+    ``class_token`` (a learned first token instead of the mean). Parameters: ``qkv_weight`` ``(3E, C)``,
+    ``qkv_bias`` ``(3E,)``, ``pos`` ``(kh * kw + 1, C)`` (the embedding at the native map size, first token first),
+    ``cls`` ``(C,)`` if ``class_token``, ``proj_weight`` ``(K, E)`` and ``proj_bias`` ``(K,)`` if ``out_features``.
+
+    ``(N, C, H, W) -> (N, K, H - kh + 1, W - kw + 1)``.
+    """
+
+    MAX_WINDOW = 64
+    POSITIONS_PER_CHUNK = 1024  # windows attended at once (memory: chunk x (kh kw + 1) x 2E floats)
+
+    def __init__(self, in_features: int, embed_dim: int, out_features: int, num_heads: int, window: Any,
+                 class_token: bool = False) -> None:
+        super().__init__()
+        pair = (window, window) if not isinstance(window, (tuple, list)) else tuple(window)
+        sizes = (in_features, embed_dim, num_heads)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in sizes) \
+                or not isinstance(out_features, int) or isinstance(out_features, bool) or not 0 <= out_features <= 1 << 20 \
+                or embed_dim % num_heads or len(pair) != 2 or not isinstance(class_token, bool) \
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= self.MAX_WINDOW for v in pair):
+            raise ValueError("in_features, embed_dim and num_heads must be integers from 1 to 65536 (embed_dim a "
+                             f"multiple of num_heads), out_features from 0, window from 1 to {self.MAX_WINDOW} "
+                             "and class_token true or false")
+        self.in_features, self.embed_dim, self.out_features = in_features, embed_dim, out_features
+        self.num_heads, self.window, self.class_token = num_heads, pair, class_token
+        tokens = pair[0] * pair[1] + 1
+        self.qkv_weight = nn.Parameter(torch.empty(3 * embed_dim, in_features))
+        self.qkv_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.pos = nn.Parameter(torch.empty(tokens, in_features))
+        self.cls = nn.Parameter(torch.empty(in_features)) if class_token else None
+        self.proj_weight = nn.Parameter(torch.empty(out_features, embed_dim)) if out_features else None
+        self.proj_bias = nn.Parameter(torch.empty(out_features)) if out_features else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, K, H - kh + 1, W - kw + 1)``."""
+        (kh, kw), e, heads = self.window, self.embed_dim, self.num_heads
+        n, _, h, w = x.shape
+        rows, cols = h - kh + 1, w - kw + 1
+        if rows < 1 or cols < 1:
+            return x.new_zeros(n, self.out_features or e, max(rows, 0), max(cols, 0))
+        wq, wk, wv = self.qkv_weight.split(e)
+        bq, bk, bv = self.qkv_bias.split(e)
+        pos_k, pos_v = F.linear(self.pos, wk, bk), F.linear(self.pos, wv, bv)  # (T, E): a table per place
+        maps_k, maps_v = (F.conv2d(x, wt[:, :, None, None]) for wt in (wk, wv))  # (N, E, H, W)
+        if self.class_token:
+            first = self.cls + self.pos[0]
+            q0 = F.linear(first, wq, bq).expand(n, rows, cols, e)
+            k0 = F.linear(first, wk, bk).expand(n, rows, cols, e)
+            v0 = F.linear(first, wv, bv).expand(n, rows, cols, e)
+        else:  # the mean token: the window's mean of each projection, plus the first place's table
+            q0 = F.avg_pool2d(F.conv2d(x, wq[:, :, None, None]), (kh, kw), 1).permute(0, 2, 3, 1) \
+                + F.linear(self.pos[0], wq, bq)
+            k0 = F.avg_pool2d(maps_k, (kh, kw), 1).permute(0, 2, 3, 1) + pos_k[0]
+            v0 = F.avg_pool2d(maps_v, (kh, kw), 1).permute(0, 2, 3, 1) + pos_v[0]
+        # every window's keys and values: (N, E, kh kw, rows cols) -> (N, rows cols, kh kw, E), plus the tables
+        keys = F.unfold(maps_k, (kh, kw)).reshape(n, e, kh * kw, rows * cols).permute(0, 3, 2, 1) + pos_k[1:]
+        values = F.unfold(maps_v, (kh, kw)).reshape(n, e, kh * kw, rows * cols).permute(0, 3, 2, 1) + pos_v[1:]
+        keys = torch.cat([k0.reshape(n, rows * cols, 1, e), keys], 2)  # (N, L, T, E), the first token first
+        values = torch.cat([v0.reshape(n, rows * cols, 1, e), values], 2)
+        query = q0.reshape(n, rows * cols, 1, e)
+        out = []
+        for start in range(0, rows * cols, self.POSITIONS_PER_CHUNK):
+            part = slice(start, start + self.POSITIONS_PER_CHUNK)
+            q, k, v = (t[:, part].reshape(-1, t.shape[2], heads, e // heads).transpose(1, 2)
+                       for t in (query, keys, values))  # (N L', heads, T or 1, E / heads)
+            out.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, e))
+        pooled = torch.cat(out, 1)  # (N, L, E)
+        if self.out_features:
+            pooled = F.linear(pooled, self.proj_weight, self.proj_bias)
+        return pooled.transpose(1, 2).reshape(n, -1, rows, cols)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features} -> {self.out_features or self.embed_dim}, heads={self.num_heads}, "
+                f"window={self.window}, class_token={self.class_token}")

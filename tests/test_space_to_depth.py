@@ -75,3 +75,8 @@ def test_a_crafted_space_to_depth_layer_is_refused(net, tmp_path, value, monkeyp
     with pytest.raises(convify.ModelLoadError):
         convify.load(evil)(torch.randn(1, 3, 40, 40))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.fcn.pt", "s2d.fcn.pt"]
+
+
+def test_onnx_export_equals_torch(net, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    net[1].export_onnx(tmp_path / "s2d.onnx")  # checked with onnxruntime at five sizes before it is kept
