@@ -117,8 +117,11 @@ def walk_inputs(node: fx.Node, stop: Callable[[fx.Node], bool] = lambda n: False
 
 
 def _is_shape_query(n: fx.Node) -> bool:
+    """A read of a tensor's metadata, not its values: its shape, or its dtype or device (``x.device.type != "meta"``
+    in EfficientViT)."""
     return (n.op == "call_method" and n.target in ("size", "dim")) or (
-        n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim"))
+        n.op == "call_function" and n.target is getattr and len(n.args) > 1
+        and n.args[1] in ("shape", "ndim", "dtype", "device", "is_cuda"))
 
 
 def _reads_values(node: fx.Node) -> bool:

@@ -471,6 +471,25 @@ class ValueBranch(nn.Module):
         return self.fc(self.conv(x).mean([2, 3]))
 
 
+class BranchesOnDevice(nn.Module):
+    """Branches on the map's device and dtype (EfficientViT's ``v.device.type != "meta"``): metadata, not values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, stride=2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.device.type != "meta" and x.dtype != torch.float16:
+            x = x.relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_branches_on_device_and_dtype_follow_the_example():
+    fcn = convify.convert(BranchesOnDevice().eval(), input_size=16)
+    assert fcn.check["max_abs_diff"] < 1e-6 and any(node.target == "relu" for node in fcn.net.graph.nodes)
+
+
 def test_branches_on_values_are_refused():
     with pytest.raises(ConversionError, match="branches on tensor values"):
         convify.convert(ValueBranch().eval(), input_size=16)
