@@ -1,27 +1,27 @@
 """Rewrite a CNN classifier into an exact fully-convolutional network.
 
-The model's forward is traced with torch.fx (see :mod:`convify.tracing`). Every node is then classified by
-running the graph three times: at the native size ``(S, S)``, with the height grown and with the width
-grown. A tensor dimension whose size follows the height is a *height dimension*, likewise for width, so
-the analysis needs no rule per layer type to know where the feature map is:
+:func:`convert` is a pipeline over the model's torch.fx graph (see :mod:`convify.tracing`), each step a function
+with one job:
 
-- **body**: nodes whose output has one height and one width dimension (the feature map, in any layout,
-  channels-last included), plus shape arithmetic, constants and *global context* (a squeeze-and-excitation
-  pool and its little MLP whose result multiplies back into the map). The body is copied unchanged.
-- **boundary**: where the map leaves the body: a global pool (``AdaptiveAvgPool2d(1)``, ``x.mean([2, 3])``,
-  ``adaptive_max_pool2d``...) or a flatten/view of a ``C x K x K`` map.
-- **head**: everything after the boundary, which worked on ``(N, F)`` vectors. Each head operation is
-  rewritten to work on ``(N, F, H', W')`` maps, one vector per position.
-
-The rewrites: a global pool becomes a stride-1 pool whose window is the feature size at the native input;
-a flatten followed by ``Linear`` becomes a ``K x K`` convolution with the same weights in the model's own
-flatten order; later ``Linear`` layers become 1x1 convolutions, ``BatchNorm1d`` becomes ``BatchNorm2d``,
-``LayerNorm`` normalises over channels at each position, ``Softmax`` runs over the channel dimension;
-dropout is gone (eval mode). An adaptive pool that is the identity at the native size is removed.
-
-The result is then checked: original and converted run on the same native-size input and must agree to
-``torch.testing.assert_close`` tolerances, or :class:`~convify.errors.ConversionError` names the first
-layer that differs.
+1. **passes** (:data:`_PASSES`, in order), each ``(graph, example) -> rewrites``: library layers traced as one call
+   become convify layers (TensorFlow "SAME" padding, space-to-depth); operations outside the table of
+   :mod:`convify.ops` are refused (attention as attention, naming the layer); upsampling the geometry cannot place
+   is refused; adaptive pools that are identities at the native size are removed, those that divide evenly made
+   fixed, fixed pools over the whole map made stride 1. A new rule is a new pass (or a table entry).
+2. **follow the map** (:func:`_follow_the_map`): the graph runs at the native size ``(S, S)``, with the height
+   grown and with the width grown; a tensor dimension whose size follows the height is a *height dimension*,
+   likewise for width, so no rule per layer type is needed to know where the feature map is.
+3. **rewrite the head** (:class:`_HeadRewrite`): nodes whose output has a height and a width (the *body*, plus
+   shape arithmetic, constants and *global context* such as a squeeze-and-excitation pool) are copied unchanged.
+   Where the map leaves the body (the *boundary*: a global pool, a flatten of a ``C x K x K`` map, an attention
+   pool) it becomes a stride-1 pool of the native map's size, a ``K x K`` convolution with the flattening
+   ``Linear``'s weights (:class:`~convify.layers.WindowLinear`) or the attention pool on every window; every head
+   operation after it is rewritten to work per position by the rule its table entry names (``Op.head``,
+   :data:`_HEAD_RULES`): ``Linear`` -> 1x1 convolution, ``BatchNorm1d`` -> ``BatchNorm2d``, ``LayerNorm`` over the
+   channels at each position, ``Softmax`` over the channel dimension...; dropout is gone (eval mode).
+4. **check**: original and converted run on the same native-size input and must agree to
+   ``torch.testing.assert_close`` tolerances, or :class:`~convify.errors.ConversionError` names the first layer
+   that differs. The geometry (:mod:`convify.geometry`) is read off the result.
 """
 from __future__ import annotations
 
@@ -109,12 +109,18 @@ def convert(
         classes=list(classes) if classes is not None else None,
     )
     original = copy.deepcopy(model).eval()
-    converter = _Converter(original, input_size)
-    net, rewrites = converter.run()
-    geometry = analyse_geometry(net, input_size, converter.example)
+    example = example_input(original, input_size, input_size)
+    traced = trace(original, example)
+    rewrites: list[Rewrite] = []
+    for graph_pass in _PASSES:
+        rewrites += graph_pass(traced, example)
+    layouts = _follow_the_map(traced, example)
+    net, head_rewrites = _HeadRewrite(traced, layouts, input_size).run()
+    rewrites += head_rewrites
+    geometry = analyse_geometry(net, input_size, example)
     fcn = FullyConvNet(net, geometry, meta, rewrites)
     if check:
-        fcn.check = _check_equal(original, converter.traced, net, converter.example)
+        fcn.check = _check_equal(original, traced, net, example)
     return fcn
 
 
@@ -137,119 +143,25 @@ class _HeadValue:
     spatial: tuple[int, int]
 
 
-class _Converter:
-    """One conversion: trace, probe, classify nodes, build the fully-convolutional graph."""
+class _HeadRewrite:
+    """The fully-convolutional graph built from a traced classifier whose feature map has been followed
+    (``layouts``): the body copied, the boundary (global pool, flatten, attention pool) and every head operation
+    rewritten per position by its rule (:data:`_HEAD_RULES`, chosen by ``Op.head`` in :mod:`convify.ops`)."""
 
-    def __init__(self, original: nn.Module, input_size: int) -> None:
-        self.size = input_size
-        self.example = example_input(original, input_size, input_size)
-        self.traced = trace(original, self.example)
+    def __init__(self, traced: fx.GraphModule, layouts: dict[fx.Node, Layout], input_size: int) -> None:
+        self.traced, self.layouts, self.size = traced, layouts, input_size
         self.rewrites: list[Rewrite] = []
-        self.rewrites += _same_padding_layers(self.traced, self.example)
-        self.rewrites += _space_to_depth_layers(self.traced)
-        _refuse_unknown_operations(self.traced)
-        _refuse_resizing(self.traced)
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.head: dict[fx.Node, _HeadValue] = {}
         self.flattened: dict[fx.Node, fx.Node] = {}
         self.new_modules: dict[str, nn.Module] = {}
 
-    # -- analysis ----------------------------------------------------------------------------------
-
-    def _probe(self) -> dict[fx.Node, Layout]:
-        gm = self.traced
-        native = run_graph(gm, self.example, keep=shape_of)
-        if self._resolve_adaptive_pools(native):
-            native = run_graph(gm, self.example, keep=shape_of)
-        for node in gm.graph.nodes:
-            if node not in native and node.op != "output":
-                raise ConversionError(f"node '{node.name}' ({op_name(gm, node)}) fails at the native size "
-                                      f"{self.size}x{self.size}; check input_size")
-        return probe_layouts(gm, self.size, native)
-
-    def _resolve_adaptive_pools(self, native: dict[fx.Node, Any]) -> bool:
-        """Remove adaptive pools that are identities at the native size; fix those that divide evenly;
-        make fixed pools over the whole map stride 1.
-
-        VGG's ``AdaptiveAvgPool2d(7)`` on a 7x7 map does nothing at 224 px but would squash a larger map
-        back to 7x7; removing it lets the map grow. Global pools (output 1x1) are left for the head rewrite.
-        """
-        gm = self.traced
-        changed = False
-        for node in list(gm.graph.nodes):
-            name = op_name(gm, node)
-            if name in ("avg_pool2d", "max_pool2d") and node in native:
-                changed |= self._densify_whole_map_pool(node, name, native)
-                continue
-            if name not in ("adaptive_avg_pool2d", "adaptive_max_pool2d") or node not in native:
-                continue
-            src, out = native.get(node.args[0]), native[node]
-            if src is None or out is None or len(src) != 4 or out[2:] == (1, 1):
-                continue
-            label = _describe_node(gm, node)
-            changed = True
-            if src == out:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-                self.rewrites.append(Rewrite(_node_label(node), label,
-                                             f"removed (identity at {self.size} px)"))
-                continue
-            if src[2] % out[2] or src[3] % out[3]:
-                raise ConversionError(
-                    f"{label} at '{_node_label(node)}' resizes a {src[2]}x{src[3]} map to {out[2]}x{out[3]}, "
-                    "which no fixed pool does; convert at an input size where the map is a multiple of "
-                    f"{out[2]}x{out[3]} (check input_size)"
-                )
-            kernel = (src[2] // out[2], src[3] // out[3])
-            self._swap_pool(node, (nn.AvgPool2d if name == "adaptive_avg_pool2d" else nn.MaxPool2d)(kernel, kernel))
-        gm.graph.lint()
-        gm.recompile()
-        return changed
-
-    def _densify_whole_map_pool(self, node: fx.Node, name: str, native: dict[fx.Node, Any]) -> bool:
-        """A fixed pool whose window is the whole map at the native size (``AvgPool2d(7)`` in old ResNets)
-        is a global pool: make it stride 1, so larger maps are pooled at every position."""
-        gm = self.traced
-        src, out = native.get(node.args[0]), native[node]
-        if src is None or out is None or len(src) != 4 or out[2:] != (1, 1):
-            return False
-        kernel = _pool_kernel(gm, node)
-        if kernel != tuple(src[2:]) or _pool_padding(gm, node) != (0, 0) or kernel == (1, 1):
-            return False
-        if _feeds_windowed_op(gm, node):  # a body pool that happens to cover a tiny native map
-            return False
-        pool_class = nn.AvgPool2d if name == "avg_pool2d" else nn.MaxPool2d
-        self._swap_pool(node, pool_class(kernel, stride=1))
-        return True
-
-    def _swap_pool(self, node: fx.Node, pool: nn.Module) -> None:
-        """Replace a pool node of the traced graph by ``pool`` (under the same module path), and say so."""
-        gm = self.traced
-        before = _describe_node(gm, node)
-        with gm.graph.inserting_before(node):
-            target = node.target if node.op == "call_module" else _unused_name(gm, node.name)
-            gm.add_submodule(target, pool)
-            new = gm.graph.call_module(target, (node.args[0],))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        self.rewrites.append(Rewrite(_node_label(node), before, _describe_module(pool)))
-
     # -- building ----------------------------------------------------------------------------------
 
     def run(self) -> tuple[fx.GraphModule, list[Rewrite]]:
         """Build the fully-convolutional GraphModule and the list of rewrites made."""
-        gm = self.traced
-        layouts = self.layouts = self._probe()
-        if not any(layout.spatial for layout in layouts.values()):
-            raise ConversionError("the model has no spatial feature map (no layer output follows the input size)")
-        for node, layout in layouts.items():
-            if layout.known and 0 in layout.hdims + layout.wdims:
-                raise ConversionError(
-                    f"'{_node_label(node)}' ({_describe_node(gm, node)}) folds the feature map into the batch "
-                    "dimension (window partitioning, as in Swin); attention and token-mixing models cannot be "
-                    "made fully convolutional"
-                )
+        gm, layouts = self.traced, self.layouts
         depends = _depends_on_input(gm)
         reaches_map = _reaches_spatial(gm, layouts)
         for node in gm.graph.nodes:
@@ -493,7 +405,7 @@ def _norm_dim(dim: int, value: _HeadValue) -> int:
     return dim % len(value.shape)
 
 
-def _rule_elementwise(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_elementwise(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     if len(inputs) != 1:
         return False
     if op_name(self.traced, node) in ("prelu", "batch_norm") and 1 in value.spatial:
@@ -501,7 +413,7 @@ def _rule_elementwise(self: _Converter, node: fx.Node, value: _HeadValue, inputs
     return self._copy(node, value, out_shape)
 
 
-def _rule_binary(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_binary(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     values = [self.head[n] for n in inputs]
     if any(v.inserted != value.inserted or v.spatial != value.spatial for v in values):
         return False
@@ -527,7 +439,7 @@ class _Const:
     node: fx.Node
 
 
-def _rule_to_vector(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_to_vector(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     """flatten/view/reshape/squeeze of a pooled map or a vector into ``(N, F)``: nothing to do on a map."""
     if out_shape is None or len(out_shape) != 2 or math.prod(value.shape) != math.prod(out_shape):
         return False
@@ -542,7 +454,7 @@ def _rule_to_vector(self: _Converter, node: fx.Node, value: _HeadValue, inputs: 
     return True
 
 
-def _rule_linear(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_linear(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     last = len(value.shape) - 1
     if not value.inserted and last not in value.spatial:  # channels-last map: Linear acts per position
         return self._copy(node, value, out_shape)
@@ -562,7 +474,7 @@ def _rule_linear(self: _Converter, node: fx.Node, value: _HeadValue, inputs: lis
     return True
 
 
-def _rule_module_swap(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_module_swap(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     """BatchNorm1d -> BatchNorm2d on vectors; a 1x1 Conv2d/BatchNorm2d on a pooled map stays."""
     if node.op != "call_module" or len(inputs) != 1:
         return False
@@ -590,7 +502,7 @@ def _rule_module_swap(self: _Converter, node: fx.Node, value: _HeadValue, inputs
     return False
 
 
-def _rule_layer_norm(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_layer_norm(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     if len(inputs) != 1 or node.args[0] is not inputs[0]:
         return False
     last = len(value.shape) - 1
@@ -607,7 +519,7 @@ def _rule_layer_norm(self: _Converter, node: fx.Node, value: _HeadValue, inputs:
     return True
 
 
-def _rule_dim(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_dim(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     """softmax/log_softmax/normalize/cat/chunk/split over a feature dimension: same dim, made positive."""
     gm = self.traced
     name = op_name(gm, node)
@@ -642,7 +554,7 @@ def _rule_dim(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, 
     return self._copy(node, value, shape, tuple(args), kwargs)
 
 
-def _rule_getitem(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_getitem(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     """One tensor out of a tuple of head tensors (chunk/split/multi-output), or a slice of features."""
     if self.layouts[node.args[0]].shape is None:  # the parent is a tuple: the element keeps its layout
         return out_shape is not None and len(out_shape) == len(value.shape) and self._copy(node, value, out_shape)
@@ -652,7 +564,7 @@ def _rule_getitem(self: _Converter, node: fx.Node, value: _HeadValue, inputs: li
     return self._copy(node, value, out_shape)
 
 
-def _rule_permute(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_permute(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     """Reordering a pooled map's dimensions (channels-last norms): the map's dimensions move along."""
     if value.inserted or len(inputs) != 1 or out_shape is None:
         return False
@@ -672,7 +584,7 @@ def _rule_permute(self: _Converter, node: fx.Node, value: _HeadValue, inputs: li
     return True
 
 
-def _rule_reduce(self: _Converter, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
+def _rule_reduce(self: _HeadRewrite, node: fx.Node, value: _HeadValue, inputs: list, out_shape) -> bool:
     """mean/var/std/norm over feature dimensions (an RMS or layer norm written out after the pool): the same
     dimensions, made positive; reducing the batch or the map's dimensions has no per-position form."""
     op = op_for(self.traced, node)
@@ -708,7 +620,103 @@ _HEAD_RULES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Passes over the traced graph
+# Passes over the traced graph, in order (_PASSES); each takes the graph and an input at the native size, changes
+# the graph in place and returns the rewrites it made, or raises ConversionError saying why the model cannot convert.
+
+
+def _follow_the_map(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, Layout]:
+    """Where the feature map is: each node's layout (:func:`convify.tracing.probe_layouts`) from runs at the native
+    size and at grown sizes.
+
+    Raises:
+        ConversionError: a node fails at the native size, no node's output follows the input's size, or one folds
+            the map into the batch (window partitioning, as in Swin).
+    """
+    size = example.shape[-1]
+    native = run_graph(gm, example, keep=shape_of)
+    for node in gm.graph.nodes:
+        if node not in native and node.op != "output":
+            raise ConversionError(f"node '{node.name}' ({op_name(gm, node)}) fails at the native size "
+                                  f"{size}x{size}; check input_size")
+    layouts = probe_layouts(gm, size, native)
+    if not any(layout.spatial for layout in layouts.values()):
+        raise ConversionError("the model has no spatial feature map (no layer output follows the input size)")
+    for node, layout in layouts.items():
+        if layout.known and 0 in layout.hdims + layout.wdims:
+            raise ConversionError(
+                f"'{_node_label(node)}' ({_describe_node(gm, node)}) folds the feature map into the batch "
+                "dimension (window partitioning, as in Swin); attention and token-mixing models cannot be "
+                "made fully convolutional"
+            )
+    return layouts
+
+
+def _fixed_pools(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
+    """Remove adaptive pools that are identities at the native size; fix those that divide evenly; make fixed
+    pools over the whole map stride 1.
+
+    VGG's ``AdaptiveAvgPool2d(7)`` on a 7x7 map does nothing at 224 px but would squash a larger map back to
+    7x7; removing it lets the map grow. Global pools (output 1x1) are left for the head rewrite.
+    """
+    size = example.shape[-1]
+    native = run_graph(gm, example, keep=shape_of)
+    rewrites: list[Rewrite] = []
+    for node in list(gm.graph.nodes):
+        name = op_name(gm, node)
+        if name in ("avg_pool2d", "max_pool2d") and node in native:
+            rewrites += _densify_whole_map_pool(gm, node, name, native)
+            continue
+        if name not in ("adaptive_avg_pool2d", "adaptive_max_pool2d") or node not in native:
+            continue
+        src, out = native.get(node.args[0]), native[node]
+        if src is None or out is None or len(src) != 4 or out[2:] == (1, 1):
+            continue
+        label = _describe_node(gm, node)
+        if src == out:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            rewrites.append(Rewrite(_node_label(node), label, f"removed (identity at {size} px)"))
+            continue
+        if src[2] % out[2] or src[3] % out[3]:
+            raise ConversionError(
+                f"{label} at '{_node_label(node)}' resizes a {src[2]}x{src[3]} map to {out[2]}x{out[3]}, "
+                "which no fixed pool does; convert at an input size where the map is a multiple of "
+                f"{out[2]}x{out[3]} (check input_size)"
+            )
+        kernel = (src[2] // out[2], src[3] // out[3])
+        pool = (nn.AvgPool2d if name == "adaptive_avg_pool2d" else nn.MaxPool2d)(kernel, kernel)
+        rewrites.append(_swap_pool(gm, node, pool))
+    gm.graph.lint()
+    gm.recompile()
+    return rewrites
+
+
+def _densify_whole_map_pool(gm: fx.GraphModule, node: fx.Node, name: str, native: dict[fx.Node, Any]) -> list[Rewrite]:
+    """A fixed pool whose window is the whole map at the native size (``AvgPool2d(7)`` in old ResNets) is a global
+    pool: make it stride 1, so larger maps are pooled at every position."""
+    src, out = native.get(node.args[0]), native[node]
+    if src is None or out is None or len(src) != 4 or out[2:] != (1, 1):
+        return []
+    kernel = _pool_kernel(gm, node)
+    if kernel != tuple(src[2:]) or _pool_padding(gm, node) != (0, 0) or kernel == (1, 1):
+        return []
+    if _feeds_windowed_op(gm, node):  # a body pool that happens to cover a tiny native map
+        return []
+    pool_class = nn.AvgPool2d if name == "avg_pool2d" else nn.MaxPool2d
+    return [_swap_pool(gm, node, pool_class(kernel, stride=1))]
+
+
+def _swap_pool(gm: fx.GraphModule, node: fx.Node, pool: nn.Module) -> Rewrite:
+    """Replace a pool node of the traced graph by ``pool`` (under the same module path), and say so."""
+    before = _describe_node(gm, node)
+    with gm.graph.inserting_before(node):
+        target = node.target if node.op == "call_module" else _unused_name(gm, node.name)
+        gm.add_submodule(target, pool)
+        new = gm.graph.call_module(target, (node.args[0],))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return Rewrite(_node_label(node), before, _describe_module(pool))
+
 
 
 def _same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
@@ -763,18 +771,14 @@ def _same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewr
     return rewrites
 
 
-# --------------------------------------------------------------------------------------------------
-# Graph helpers
-
-
-def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
+def _refuse_unknown_operations(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
     """Every operation must be one convify can describe, save and load (the table in :mod:`convify.ops`).
 
     An unknown operation that is attention (:func:`_attention_layer`) is refused as attention, naming the layer.
     """
     unknown = [(node, what) for node, what in unsupported_nodes(gm) if not _is_attention_pool(gm, node)]
     if not unknown:
-        return
+        return []
     # attention anywhere is the reason, even past an unknown operation before it (EdgeNeXt's positional encoding)
     for node, what in unknown:
         layer = _attention_layer(gm, node)
@@ -796,7 +800,7 @@ def _refuse_unknown_operations(gm: fx.GraphModule) -> None:
                           "Swin) cannot be made fully convolutional")
 
 
-def _space_to_depth_layers(gm: fx.GraphModule) -> list[Rewrite]:
+def _space_to_depth_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
     """Make every library space-to-depth layer (timm's ``SpaceToDepth``, TResNet's stem, traced as one call) a
     :class:`~convify.layers.SpaceToDepth`, which folds blocks the same way and is a window the geometry places."""
     classes = tuple(library_leaves("space_to_depth"))
@@ -857,13 +861,14 @@ def attention_pool_windows(module: nn.Module, native: tuple[int, int]) -> Window
     return layer.to(weight.device, weight.dtype).eval()
 
 
-def _refuse_resizing(gm: fx.GraphModule) -> None:
+def _refuse_resizing(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
     """Every upsampling must be one the geometry can place (:func:`convify.geometry.upsampling` says why not),
     checked before the map is followed: a resize to a fixed size would otherwise look like the end of the body."""
     for node in gm.graph.nodes:
         if op_name(gm, node) == "upsample":
             upsampling(gm.get_submodule(node.target) if node.op == "call_module" else None, node.args, node.kwargs,
                        f"'{_node_label(node)}' ({_describe_node(gm, node)})")
+    return []
 
 
 # Products of two tensors: attention's queries times keys and weights times values.
@@ -891,6 +896,20 @@ def _attention_layer(gm: fx.GraphModule, node: fx.Node, named_only: bool = False
     if target.strip("_") in _PRODUCTS and len(computed) >= 2:
         return f"'{layers[-1][0]}' ({layers[-1][1]})" if layers else f"'{node.name}'"
     return None
+
+
+# The passes convert() runs over the traced graph, in this order, before it follows the map and rewrites the head.
+_PASSES = (
+    _same_padding_layers,        # library "SAME" padding -> SamePad2d, for the actual input's size
+    _space_to_depth_layers,      # library space-to-depth -> SpaceToDepth, a window the geometry places
+    _refuse_unknown_operations,  # everything left is in convify.ops' table (attention refused as such)
+    _refuse_resizing,            # upsampling the geometry cannot place (to a size, by a fraction)
+    _fixed_pools,                # adaptive pools made fixed or removed; whole-map pools made sliding
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph helpers
 
 
 def _feeds_windowed_op(gm: fx.GraphModule, node: fx.Node) -> bool:
