@@ -37,6 +37,23 @@ class _ConcreteTracer(fx.Tracer):
         self._example = example
         self._evaluating = False
 
+    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
+        """fx's trace, with a map's ``device`` read as the example's (``torch.autocast(device_type=x.device.type)``
+        in EfficientViT needs a string, not a proxy): a model converts on one device."""
+        original_getattr = fx.Proxy.__getattr__
+        tracer, device = self, self._example.device
+
+        def getattr_(proxy: fx.Proxy, name: str) -> Any:
+            if name == "device" and proxy.tracer is tracer:
+                return device
+            return original_getattr(proxy, name)
+
+        fx.Proxy.__getattr__ = getattr_  # type: ignore[method-assign]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            fx.Proxy.__getattr__ = original_getattr  # type: ignore[method-assign]
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         if _reads_values(obj.node):
             raise ConversionError(

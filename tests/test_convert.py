@@ -485,9 +485,26 @@ class BranchesOnDevice(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_branches_on_device_and_dtype_follow_the_example():
-    fcn = convify.convert(BranchesOnDevice().eval(), input_size=16)
-    assert fcn.check["max_abs_diff"] < 1e-6 and any(node.target == "relu" for node in fcn.net.graph.nodes)
+class AutocastOff(nn.Module):
+    """EfficientViT's ``with torch.autocast(device_type=x.device.type, enabled=False)``: a string, not a proxy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, stride=2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = torch.sigmoid(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", [BranchesOnDevice, AutocastOff])
+def test_branches_on_device_and_dtype_follow_the_example(model):
+    fcn = convify.convert(model().eval(), input_size=16)
+    assert fcn.check["max_abs_diff"] < 1e-6
+    assert any(node.target in ("relu", torch.sigmoid) or getattr(node.target, "__name__", "") == "sigmoid"
+               for node in fcn.net.graph.nodes)
 
 
 def test_branches_on_values_are_refused():
