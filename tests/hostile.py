@@ -65,3 +65,36 @@ def bounded_cli(runs: list[list[str]]) -> list[tuple[int, str, Any]]:
     return [tuple(r) for r in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
+
+
+def assert_crafted_layer_refused(fcn: Any, tmp_path: Path, pick: Any, field: str, value: Any, side: int,
+                                 errors: tuple = ()) -> None:
+    """Save ``fcn``, set argument ``field`` of one layer in the file's header to ``value`` (as an attacker would),
+    and check that loading it and running it on a ``side x side`` image is one ModelLoadError (at load, or at the
+    first run for a string that torch's constructor takes apart), and that no other file appears.
+
+    ``pick``: the layer's path in the file, or a predicate on its ``{"class", "kwargs"}`` description.
+    ``errors``: other refusals that are right too (a LimitError for a size over a bound).
+    """
+    import pytest
+    import torch
+
+    import convify
+    from test_fcn import _edit_header
+
+    def edit(header: dict) -> None:
+        modules = header["graph"]["modules"]
+        spec = modules[pick] if isinstance(pick, str) else next(s for s in modules.values() if pick(s))
+        spec["kwargs"][field] = value
+
+    before = set(tmp_path.iterdir())
+    saved = fcn.save(tmp_path / "layer.fcn.pt")
+    evil = _edit_header(saved, edit, tmp_path / "evil.fcn.pt")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a string argument that ran as code could only write here
+    try:
+        with pytest.raises((convify.ModelLoadError, *errors)):
+            convify.load(evil)(torch.randn(1, 3, side, side))
+    finally:
+        os.chdir(cwd)
+    assert set(tmp_path.iterdir()) == before | {saved, evil}
