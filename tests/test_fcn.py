@@ -590,8 +590,13 @@ _SQUARES = [_call("s0", "call_method", "size", _X, 2)] + [
     (_SQUARES, None, None, "beyond int64"),
     # (2**24) ** (2**24): a 50 MB integer that takes minutes, refused before it is computed
     ([_call("a", "call_function", "_operator.pow", 1 << 24, 1 << 24)], None, None, "beyond int64"),
+    # upsampling (now in the table) by 4000: 16 million times the input
+    ([_call("u", "call_function", "torch.nn.functional.interpolate", _X, scale_factor=4000.0)], None, None,
+     "MAX_ACTIVATION_RATIO"),
+    ([_call("u", "call_module", "up", _X)], {"up": {"class": "Upsample", "kwargs": {"scale_factor": 4000.0}}}, None,
+     "MAX_ACTIVATION_RATIO"),
 ], ids=["expand-contiguous", "pad", "pad-layer", "cat-of-cats", "views-keep-storage", "split", "int-squares",
-        "int-power"])
+        "int-power", "interpolate", "upsample-layer"])
 def test_a_graph_cannot_allocate_without_a_bound(tmp_path: Path, saved: Path, nodes: list[dict], modules: Any,
                                                  output: Any, error: str) -> None:
     """Small integers in a graph asking for GBs are refused by a dry run on the meta device, before the
