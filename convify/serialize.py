@@ -535,13 +535,18 @@ def _build_module(target: str, spec: Any, tensors: dict[str, torch.Tensor]) -> t
     if cls is None:
         raise ModelLoadError(f"converted file names layer type {ascii(spec.get('class'))[:60]}, which convify "
                              "does not allow; it was not written by convify")
-    allowed = set(inspect.signature(cls.__init__).parameters) - _SKIP_INIT_ARGS
+    parameters = inspect.signature(cls.__init__).parameters
+    allowed = set(parameters) - _SKIP_INIT_ARGS
     decode = _Decoder({}, f"layer '{target}'")
     kwargs = {}
     for key, value in spec.get("kwargs", {}).items():
         if key not in allowed:
             raise _corrupt(f"layer '{target}' ({cls.__name__}) has no argument {ascii(key)[:40]}")
         kwargs[key] = decode(value)
+        if _has_string(kwargs[key]) and not _takes_string(parameters[key], kwargs[key]):
+            # torch's constructors take a string apart into characters where a size belongs ("1; import os")
+            raise _corrupt(f"layer '{target}' ({cls.__name__}) has a string for its argument {ascii(key)[:40]}, "
+                           "which takes numbers")
     try:
         with torch.device("meta"):  # declares shapes, allocates nothing
             module = cls(**kwargs)
@@ -558,6 +563,18 @@ def _build_module(target: str, spec: Any, tensors: dict[str, torch.Tensor]) -> t
     twin = copy.deepcopy(module).eval()
     module.load_state_dict({k: own[k] for k in expected}, strict=True, assign=True)
     return module.eval(), twin
+
+
+def _has_string(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, (tuple, list)) and any(_has_string(v) for v in value))
+
+
+def _takes_string(parameter: inspect.Parameter, value: Any) -> bool:
+    """Whether a layer's constructor argument may be a string: one declared a string or whose default is one
+    (``padding_mode``, ``mode``, ``approximate``), or a convolution's ``padding`` of ``"same"`` or ``"valid"``."""
+    if parameter.name == "padding":
+        return value in ("same", "valid")
+    return isinstance(value, str) and (isinstance(parameter.default, str) or parameter.annotation in (str, "str"))
 
 
 def _attach(root: nn.Module, path: str, value: Union[nn.Module, torch.Tensor]) -> None:

@@ -503,6 +503,28 @@ def test_a_layer_declaring_more_channels_than_its_weights_allocates_nothing(tmp_
         convify.load(_edit_header(saved, edit, tmp_path / "big.convify"))
 
 
+@pytest.mark.parametrize("field, value", [("stride", "1; import os"), ("kernel_size", ["3", 3]),
+                                          ("padding", "__import__('os').system('x')"), ("dilation", "11")])
+def test_a_string_where_a_layer_takes_numbers_is_refused_at_load(tmp_path: Path, saved: Path, field: str,
+                                                                 value: object) -> None:
+    """torch's constructors take a string apart into characters where a size belongs; the loader refuses it
+    before any layer is built (a string is allowed only where the argument is one: padding_mode, "same")."""
+    def edit(header: dict) -> None:
+        header["graph"]["modules"]["left"]["kwargs"][field] = value
+
+    with pytest.raises(ModelLoadError, match=f"'left' \\(Conv2d\\) has a string for its argument '{field}'"):
+        convify.load(_edit_header(saved, edit, tmp_path / "strings.convify"))
+
+
+def test_string_arguments_that_are_strings_load(tmp_path: Path, saved: Path) -> None:
+    def edit(header: dict) -> None:
+        header["graph"]["modules"]["left"]["kwargs"].update(padding="same", padding_mode="reflect")
+
+    net = convify.load(_edit_header(saved, edit, tmp_path / "same.convify"))
+    conv = net.net.get_submodule("left")
+    assert (conv.padding, conv.padding_mode) == ("same", "reflect")
+
+
 @pytest.mark.parametrize("tamper, message", [
     (lambda t: t.__setitem__("fc2.weight", torch.zeros(1).expand(NUM_CLASSES, 16)), "zero stride"),
     (lambda t: t.__setitem__("fc2.weight", torch.zeros(20).as_strided((NUM_CLASSES, 16), (1, 1))),
