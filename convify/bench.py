@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .devices import DeviceLike, autocast, check_finite, check_precision, on_device, resolve_device
-from .fcn import FullyConvNet
+from .fcn import FullyConvNet, main_map
 
 __all__ = ["BenchRow", "bench", "format_rows"]
 
@@ -85,10 +85,6 @@ def _sync(device: torch.device) -> None:
     elif device.type == "mps":
         torch.mps.synchronize()
 
-
-def _first(out: object) -> torch.Tensor:
-    """The main map of a network's output (the first, for heads with several outputs)."""
-    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
 
 
 def _agreement(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -146,7 +142,7 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
             for k in range(0, len(crops), batch):
                 classify(crops[k:k + batch])
 
-        reference = _first(fcn(image))
+        reference = main_map(fcn(image))
         classify(crops[:batch])  # warm up both
         dense = _best(lambda: fcn(image), repeat, where)
         sliding = _best(loop, repeat, where)
@@ -162,7 +158,7 @@ def bench(name: str, fcn: FullyConvNet, original: Optional[nn.Module], sizes: Se
         rows.append(BenchRow(name, size, "heatmap", h * w, bare, "heatmap() end to end", end_to_end))
         for precision in precisions:
             with autocast(where, precision):
-                low = _first(fcn(image))
+                low = main_map(fcn(image))
                 seconds = _best(lambda: fcn(image), repeat, where)
             check_finite(low, precision)
             agreement, diff = _agreement(low, reference)
@@ -197,7 +193,7 @@ def _compiled_row(name: str, size: int, fcn: FullyConvNet, image: torch.Tensor, 
         _sync(where)
         build = time.perf_counter() - start
         seconds = _best(lambda: run(image), repeat, where)
-    agreement, diff = _agreement(_first(out), reference)
+    agreement, diff = _agreement(main_map(out), reference)
     return BenchRow(name, size, "compiled", int(reference.shape[2] * reference.shape[3]), seconds,
                     f"eager (compile {build:.0f} s)", eager, agreement=agreement, max_diff=diff)
 

@@ -18,7 +18,7 @@ from .geometry import Geometry
 from .outputs import write_atomic
 from .serialize import graph_from_data, graph_to_data
 
-__all__ = ["FullyConvNet", "ModelMeta", "Rewrite", "load", "is_convify_file"]
+__all__ = ["FullyConvNet", "ModelMeta", "Rewrite", "load", "is_convify_file", "main_map"]
 
 FORMAT = "convify.fcn"
 VERSION = 1
@@ -121,6 +121,11 @@ class FullyConvNet(nn.Module):
         from .export import export_onnx
 
         return export_onnx(self, path, opset=opset, check_sizes=check_sizes, force=force)
+
+
+def main_map(out: Any) -> torch.Tensor:
+    """The main map of a network's output: the output itself, or the first of a head's several outputs."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def is_convify_file(path: Union[str, os.PathLike]) -> bool:

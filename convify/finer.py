@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .errors import ConversionError, ConvifyError
-from .fcn import FullyConvNet, Rewrite
+from .fcn import FullyConvNet, Rewrite, main_map
 from .geometry import Geometry, window_of
 from .layers import FinerPool2d, PhaseAvgPool2d, PointwiseConv2d
 from .ops import argument, module_op
@@ -469,8 +469,7 @@ def _check(coarse: FullyConvNet, finer: FullyConvNet) -> None:
         except Exception as e:  # noqa: BLE001 - a layer refusing its new arguments; say which
             raise ConversionError(f"the stride-{finer.geometry.stride} network fails: {str(e).splitlines()[0][:200]}"
                                   ) from None
-    a = a[0] if isinstance(a, (tuple, list)) else a
-    b = b[0] if isinstance(b, (tuple, list)) else b
+    a, b = main_map(a), main_map(b)
     if tuple(b.shape[2:]) != finer.geometry.output_size(*x.shape[2:]):
         raise ConversionError(f"the stride-{finer.geometry.stride} map is {tuple(b.shape[2:])} on a "
                               f"{x.shape[3]}x{x.shape[2]} input; its geometry says "

@@ -26,7 +26,7 @@ from . import limits
 from .devices import DeviceLike, autocast, check_finite, check_precision, resolve_device
 from .engine import ModelLike, PAD_MODES, _as_network, _png, _slug, clip_box, padding, resolve_class
 from .errors import ConvifyError, OutputExistsError
-from .fcn import FullyConvNet
+from .fcn import FullyConvNet, main_map
 from .outputs import check_not_inputs, write_files
 
 __all__ = ["LargeResult", "large_heatmap", "is_large", "DEFAULT_OVERLAY_SIDE"]
@@ -287,4 +287,4 @@ def _num_classes(fcn: FullyConvNet) -> int:
                                                                          device=param.device)
     with torch.inference_mode():
         out = fcn(x)
-    return int((out[0] if isinstance(out, (tuple, list)) else out).shape[1])
+    return int(main_map(out).shape[1])

@@ -163,6 +163,19 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _whole(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _checked_pair(name: str, given: Any, hi: int) -> tuple[int, int]:
+    """``given`` (an integer, or a pair of them, from 1 to ``hi``) as a pair; a ValueError naming ``name`` if not.
+    A layer's arguments come from files too: a string, a bool or a huge number must not pass."""
+    pair = (given, given) if not isinstance(given, (tuple, list)) else tuple(given)
+    if len(pair) != 2 or not all(_whole(v, 1, hi) for v in pair):
+        raise ValueError(f"{name} must be an integer from 1 to {hi}, or a pair of them; got {str(given)[:40]}")
+    return pair  # type: ignore[return-value]
+
+
 class PhaseAvgPool2d(nn.Module):
     """The global average pool of each phase of a map, as a finer output stride (:mod:`convify.finer`) needs it.
 
@@ -185,12 +198,7 @@ class PhaseAvgPool2d(nn.Module):
 
     def __init__(self, phases: Any) -> None:
         super().__init__()
-        pair = (phases, phases) if not isinstance(phases, (tuple, list)) else tuple(phases)
-        if len(pair) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= self.MAX_PHASES
-                                     for r in pair):
-            raise ValueError(f"phases must be an integer from 1 to {self.MAX_PHASES}, or a pair of them; "
-                             f"got {str(phases)[:40]}")
-        self.phases: tuple[int, int] = pair  # type: ignore[assignment]
+        self.phases: tuple[int, int] = _checked_pair("phases", phases, self.MAX_PHASES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W) -> (N, C, H, W)``, each position its phase's mean."""
@@ -234,14 +242,8 @@ class SamePad2d(nn.Module):
 
     def __init__(self, kernel_size: Any, stride: Any, dilation: Any = 1, value: float = 0.0) -> None:
         super().__init__()
-        checked = []
-        for name, given in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-            pair = (given, given) if not isinstance(given, (tuple, list)) else tuple(given)
-            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= self.MAX_WINDOW
-                                         for v in pair):
-                raise ValueError(f"{name} must be an integer from 1 to {self.MAX_WINDOW}, or a pair of them; "
-                                 f"got {str(given)[:40]}")
-            checked.append(pair)
+        checked = [_checked_pair(name, given, self.MAX_WINDOW)
+                   for name, given in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation))]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
             raise ValueError(f"value must be a number, got {str(value)[:40]}")
         self.kernel_size, self.stride, self.dilation = checked
@@ -274,7 +276,7 @@ class SpaceToDepth(nn.Module):
 
     def __init__(self, block_size: int = 4) -> None:
         super().__init__()
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= self.MAX_BLOCK:
+        if not _whole(block_size, 1, self.MAX_BLOCK):
             raise ValueError(f"block_size must be an integer from 1 to {self.MAX_BLOCK}, got {str(block_size)[:40]}")
         self.block_size = block_size
 
@@ -318,15 +320,11 @@ class WindowAttentionPool2d(nn.Module):
     def __init__(self, in_features: int, embed_dim: int, out_features: int, num_heads: int, window: Any,
                  class_token: bool = False) -> None:
         super().__init__()
-        pair = (window, window) if not isinstance(window, (tuple, list)) else tuple(window)
-        sizes = (in_features, embed_dim, num_heads)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in sizes) \
-                or not isinstance(out_features, int) or isinstance(out_features, bool) or not 0 <= out_features <= 1 << 20 \
-                or embed_dim % num_heads or len(pair) != 2 or not isinstance(class_token, bool) \
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= self.MAX_WINDOW for v in pair):
+        pair = _checked_pair("window", window, self.MAX_WINDOW)
+        if not all(_whole(v, 1, 1 << 16) for v in (in_features, embed_dim, num_heads)) \
+                or not _whole(out_features, 0, 1 << 20) or embed_dim % num_heads or not isinstance(class_token, bool):
             raise ValueError("in_features, embed_dim and num_heads must be integers from 1 to 65536 (embed_dim a "
-                             f"multiple of num_heads), out_features from 0, window from 1 to {self.MAX_WINDOW} "
-                             "and class_token true or false")
+                             "multiple of num_heads), out_features from 0 to 2**20 and class_token true or false")
         self.in_features, self.embed_dim, self.out_features = in_features, embed_dim, out_features
         self.num_heads, self.window, self.class_token = num_heads, pair, class_token
         tokens = pair[0] * pair[1] + 1

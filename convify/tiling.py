@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import limits
 from .errors import LimitError
-from .fcn import FullyConvNet
+from .fcn import FullyConvNet, main_map
 from .stream import NotStreamable, Program, compile_stream, stream_rows
 
 __all__ = ["TilePlan", "plan_tiles", "activation_bytes", "iter_tiles", "tiled_map", "stream_refusal", "plan_bytes"]
@@ -334,7 +334,7 @@ def iter_tiles(fcn: FullyConvNet, read: Reader, plan: TilePlan) -> Iterator[tupl
         for (r0, r1), (y0, y1) in plan.rows:
             for (c0, c1), (x0, x1) in plan.cols:
                 out = fcn(read(x0, y0, x1, y1))
-                maps = out[0] if isinstance(out, (tuple, list)) else out
+                maps = main_map(out)
                 i0, j0 = r0 - y0 // stride, c0 - x0 // stride
                 yield r0, c0, maps[0, :, i0:i0 + r1 - r0, j0:j0 + c1 - c0].float().cpu()
                 del out, maps
@@ -382,7 +382,7 @@ def tiled_map(fcn: FullyConvNet, x: torch.Tensor, max_memory: int = limits.DEFAU
     if plan.whole:  # one pass over the whole input, pixels the map does not need included
         with torch.inference_mode():
             out = fcn(x)
-        return (out[0] if isinstance(out, (tuple, list)) else out)[0].float().cpu()
+        return main_map(out)[0].float().cpu()
     result: Optional[torch.Tensor] = None
     for r0, c0, block in iter_tiles(fcn, lambda x0, y0, x1, y1: x[:, :, y0:y1, x0:x1], plan):
         if result is None:
