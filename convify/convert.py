@@ -41,7 +41,7 @@ from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry, upsampling
 from .layers import PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d, WindowLinear
-from .ops import argument, op_for, op_name, unsupported_nodes
+from .ops import argument, cast, op_for, op_name, unsupported_nodes
 from .tracing import (Layout, eliminate_dead_code, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, library_leaves,
                       shape_of, trace)
 
@@ -771,6 +771,38 @@ def _same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewr
     return rewrites
 
 
+def _method_spellings(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
+    """Tensor methods whose meaning depends on their arguments, made the call the table knows for that meaning:
+    ``x.to(dtype)`` (EvoNorm's statistics in float32 and back) a call of :func:`convify.ops.cast`, which takes a
+    floating dtype only (``Tensor.to`` could move a map to a device a file names); ``x.max(y)``/``x.min(y)`` of
+    two tensors ``torch.maximum``/``torch.minimum`` (with a dimension they are reductions, and stay unknown)."""
+    values: Optional[dict[fx.Node, Any]] = None
+
+    def value(arg: Any) -> Any:
+        nonlocal values
+        if not isinstance(arg, fx.Node):
+            return arg
+        values = values if values is not None else run_graph(gm, example)
+        return values.get(arg)
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_method" or len(node.args) != 2 or node.kwargs:
+            continue  # other forms stay unknown, and are refused
+        if node.target == "to" and isinstance(value(node.args[1]), torch.dtype) and value(node.args[1]).is_floating_point:
+            function: Any = cast
+        elif node.target in ("max", "min") and isinstance(value(node.args[1]), torch.Tensor):
+            function = torch.maximum if node.target == "max" else torch.minimum
+        else:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(function, node.args)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return []
+
+
 def _refuse_unknown_operations(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
     """Every operation must be one convify can describe, save and load (the table in :mod:`convify.ops`).
 
@@ -902,6 +934,7 @@ def _attention_layer(gm: fx.GraphModule, node: fx.Node, named_only: bool = False
 _PASSES = (
     _same_padding_layers,        # library "SAME" padding -> SamePad2d, for the actual input's size
     _space_to_depth_layers,      # library space-to-depth -> SpaceToDepth, a window the geometry places
+    _method_spellings,           # x.to(dtype) -> ops.cast (floating dtypes only); x.max(y) -> torch.maximum
     _refuse_unknown_operations,  # everything left is in convify.ops' table (attention refused as such)
     _refuse_resizing,            # upsampling the geometry cannot place (to a size, by a fraction)
     _fixed_pools,                # adaptive pools made fixed or removed; whole-map pools made sliding

@@ -33,7 +33,7 @@ from . import limits
 from .errors import ConversionError, ConvifyError
 from .layers import overhang, same_padding
 from .ops import argument, op_for, op_name, reduces_per_position
-from .tracing import Layout, fetch_attr, node_arg, pair, probe_layouts, walk_inputs
+from .tracing import Layout, fetch_attr, is_shape_query, node_arg, pair, probe_layouts, walk_inputs
 
 __all__ = ["Geometry", "analyse_geometry", "window_of", "padding_mode", "upsampling"]
 
@@ -439,8 +439,10 @@ def analyse_geometry(net: fx.GraphModule, input_size: int, example: torch.Tensor
             index[node] = len(layers)
             layers.append({"op": "same", "inputs": tuple([index[n] for n in _flat_nodes(node.args[0]) if n in index][:1])})
             break
-        if not mapped:
-            raise ConversionError(f"'{node.name}' makes a map without reading the image; convify cannot place it")
+        if not mapped:  # a map-sized value made of no map: a constant, or a summary of the whole image expanded
+            if _depends(node, spans):  # (EvoNorm's group std expanded to the map: global context)
+                global_context.append(_context_name(net, node, spans))
+            continue
         for n in node.all_input_nodes:  # a pooled summary of the whole map, multiplied back in (SE)
             if n not in spans and layouts.get(n) is not None and layouts[n].is_tensor and _depends(n, spans):
                 global_context.append(_context_name(net, n, spans))
@@ -519,8 +521,9 @@ def _flat_nodes(value: Any) -> list[fx.Node]:
 
 
 def _depends(node: fx.Node, spans: dict) -> bool:
-    """Whether ``node`` is computed from the image (as opposed to constants or shape arithmetic)."""
-    return any(n in spans for n in walk_inputs(node, stop=lambda n: n in spans))
+    """Whether ``node`` is computed from the image's values (as opposed to constants, or constants broadcast to the
+    map's shape: ``weight.expand_as(x)`` reads only ``x``'s size)."""
+    return any(n in spans for n in walk_inputs(node, stop=lambda n: n in spans or is_shape_query(n)))
 
 
 def _context_name(net: fx.GraphModule, node: fx.Node, spans: dict) -> str:

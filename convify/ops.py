@@ -38,7 +38,7 @@ from .layers import (FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, Sp
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
            "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES",
-           "reduces_per_position", "unsupported_nodes"]
+           "reduces_per_position", "unsupported_nodes", "cast"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,14 @@ def _tensor_getattr(obj: Any, name: Any) -> Any:
     if not isinstance(obj, torch.Tensor) or name not in TENSOR_ATTRIBUTES:
         raise TypeError(f"getattr({type(obj).__name__}, {str(name)[:40]!r}) is not allowed in a converted network")
     return getattr(obj, name)
+
+
+def cast(x: Any, dtype: Any) -> Any:
+    """``x.to(dtype)`` for a tensor and a floating dtype only: what a converted graph calls for ``Tensor.to`` (a
+    file cannot name a device or anything else there). EvoNorm computes its statistics in float32 so."""
+    if not isinstance(x, torch.Tensor) or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"cast of {type(x).__name__} to {str(dtype)[:40]} is not allowed in a converted network")
+    return x.to(dtype)
 
 
 def _is_index(index: Any) -> bool:
@@ -235,13 +243,14 @@ _TABLE: tuple[Op, ...] = (
     _elementwise("exp", functions=(torch.exp,), methods=("exp",)),
     _elementwise("neg", functions=(_numeric(operator.neg),), methods=("neg",)),
     _elementwise("clamp", functions=(torch.clamp,), methods=("clamp", "clamp_")),
-    _elementwise("sqrt", functions=(torch.sqrt,), methods=("sqrt",)),
+    _elementwise("sqrt", functions=(torch.sqrt,), methods=("sqrt", "sqrt_")),
     _elementwise("square", functions=(torch.square,), methods=("square",)),
     _elementwise("rsqrt", functions=(torch.rsqrt,), methods=("rsqrt",)),
     _elementwise("pow", functions=(_numeric(_int_power), torch.pow), methods=("pow",)),
     _elementwise("contiguous", methods=("contiguous",)),
     _elementwise("clone", methods=("clone",)),
     _elementwise("float", methods=("float",)),
+    _elementwise("cast", functions=(cast,)),  # Tensor.to(dtype), made this call by the converter
     _elementwise("flip", methods=("flip",)),
     Op("add", (), (_numeric(operator.add), _numeric(operator.iadd), torch.add), ("add", "add_"), local=True,
        head="binary"),

@@ -23,7 +23,7 @@ from torch import nn
 from .errors import ConversionError
 
 __all__ = ["trace", "check_names", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
-           "walk_inputs", "node_arg", "pair", "library_leaves", "LIBRARY_LEAVES",
+           "walk_inputs", "node_arg", "pair", "library_leaves", "LIBRARY_LEAVES", "is_shape_query",
            "eliminate_dead_code"]
 
 
@@ -133,7 +133,7 @@ def walk_inputs(node: fx.Node, stop: Callable[[fx.Node], bool] = lambda n: False
             stack.extend(n.all_input_nodes)
 
 
-def _is_shape_query(n: fx.Node) -> bool:
+def is_shape_query(n: fx.Node) -> bool:
     """A read of a tensor's metadata, not its values: its shape, or its dtype or device (``x.device.type != "meta"``
     in EfficientViT)."""
     return (n.op == "call_method" and n.target in ("size", "dim")) or (
@@ -143,7 +143,7 @@ def _is_shape_query(n: fx.Node) -> bool:
 
 def _reads_values(node: fx.Node) -> bool:
     """Whether ``node`` depends on the input's values, not just its shape (``x.shape``, ``x.size()``)."""
-    return any(n.op == "placeholder" for n in walk_inputs(node, stop=_is_shape_query))
+    return any(n.op == "placeholder" for n in walk_inputs(node, stop=is_shape_query))
 
 
 def node_arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:

@@ -297,6 +297,38 @@ class EfficientChannelAttention(nn.Module):
         return self.fc((x * y).mean((2, 3)))
 
 
+class EvoNorms(nn.Module):
+    """timm's EvoNorm-B0 (running variance expanded to the map, instance std) and -S0 (group std expanded to the
+    map): statistics in float32, cast back with ``.to(x.dtype)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import EvoNorm2dB0, EvoNorm2dS0
+
+        self.conv1, self.norm1 = nn.Conv2d(3, 16, 3, stride=2), EvoNorm2dB0(16)
+        self.conv2, self.norm2 = nn.Conv2d(16, 16, 3, stride=2), EvoNorm2dS0(16, group_size=8)
+        self.fc = nn.Linear(16, 3)
+        with torch.no_grad():
+            self.norm1.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.fc(self.norm2(self.conv2(self.norm1(self.conv1(x)))).mean((2, 3)))
+
+
+def test_evonorms_convert_as_global_context_and_round_trip(tmp_path):
+    """The group and instance statistics see the whole map (global context); a constant expanded to the map's
+    size is no map of its own; ``Tensor.to(dtype)`` is saved as ``convify.ops.cast``."""
+    model = EvoNorms().eval()
+    fcn = convify.convert(model, input_size=32)
+    assert fcn.check["max_abs_diff"] < 1e-5 and not fcn.geometry.local and fcn.geometry.stride == 4
+    assert any(getattr(node.target, "__name__", "") == "cast" for node in fcn.net.graph.nodes)
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        maps = fcn(x)
+        assert tuple(maps.shape[2:]) == fcn.geometry.output_size(45, 61)
+        torch.testing.assert_close(convify.load(fcn.save(tmp_path / "evo.fcn.pt"))(x), maps, rtol=0, atol=0)
+
+
 def test_eca_channel_attention_converts_as_global_context(tmp_path):
     fcn = convify.convert(EfficientChannelAttention().eval(), input_size=32)
     assert fcn.check["max_abs_diff"] < 1e-6 and not fcn.geometry.local

@@ -483,6 +483,8 @@ def test_a_graph_cannot_reach_python_from_the_input(tmp_path: Path, saved: Path,
 @pytest.mark.parametrize("nodes", [
     [_call("a", "call_function", "_operator.mul", "a", 10 ** 12)],        # a string times 10**12
     [_call("a", "call_function", "_operator.add", [1], [2])],             # lists are not operands
+    [_call("a", "call_function", "convify.ops.cast", _X, "cuda")],        # a cast moves no map to a device
+    [_call("a", "call_function", "convify.ops.cast", _X, {"dtype": "int64"})],  # nor makes it integers
 ])
 def test_operators_take_tensors_and_numbers_only(tmp_path: Path, saved: Path, nodes: list[dict]) -> None:
     path = _graph_file(saved, tmp_path / "evil.convify", nodes)
