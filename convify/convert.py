@@ -40,7 +40,7 @@ from . import limits
 from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry, upsampling
-from .layers import PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d, WindowLinear
+from .layers import CondConv2d, PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d, WindowLinear
 from .ops import argument, cast, op_for, op_name, unsupported_nodes
 from .tracing import (Layout, eliminate_dead_code, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, library_leaves,
                       shape_of, trace)
@@ -853,6 +853,40 @@ def _space_to_depth_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Re
     return rewrites
 
 
+def _cond_conv_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
+    """Make every library CondConv layer (timm's ``CondConv2d``, traced as one call) convify's
+    :class:`~convify.layers.CondConv2d`: the same arithmetic, a window the geometry places; TensorFlow "SAME"
+    padding (the ``tf_`` models) as a :class:`~convify.layers.SamePad2d` in front of it."""
+    classes = tuple(library_leaves("cond_conv"))
+    rewrites = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), classes):
+            continue
+        old = gm.get_submodule(node.target)
+        try:
+            layer = CondConv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride,
+                               0 if old.dynamic_padding else old.padding, old.dilation, old.groups,
+                               old.bias is not None, old.num_experts)
+        except (AttributeError, ValueError) as e:
+            raise ConversionError(f"'{node.target}' ({type(old).__name__}): {e}") from None
+        with torch.no_grad():
+            layer.weight.copy_(old.weight)
+            if old.bias is not None:
+                layer.bias.copy_(old.bias)
+        gm.add_submodule(node.target, layer.to(old.weight.device, old.weight.dtype).eval())
+        if old.dynamic_padding:
+            pad = SamePad2d(old.kernel_size, old.stride, old.dilation)
+            target = _unused_name(gm, node.target.replace(".", "_") + "_same_pad")
+            gm.add_submodule(target, pad)
+            with gm.graph.inserting_before(node):
+                padded = gm.graph.call_module(target, (node.args[0],))
+            node.args = (padded, *node.args[1:])
+        rewrites.append(Rewrite(node.target, f"{type(old).__module__}.{type(old).__name__}", repr(layer)))
+    if rewrites:
+        gm.recompile()
+    return rewrites
+
+
 def _is_attention_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` calls a library attention-pooling head (traced as one call: tracing.LIBRARY_LEAVES)."""
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), tuple(library_leaves("attention_pool")))
@@ -934,6 +968,7 @@ def _attention_layer(gm: fx.GraphModule, node: fx.Node, named_only: bool = False
 _PASSES = (
     _same_padding_layers,        # library "SAME" padding -> SamePad2d, for the actual input's size
     _space_to_depth_layers,      # library space-to-depth -> SpaceToDepth, a window the geometry places
+    _cond_conv_layers,           # library CondConv -> CondConv2d (and its "SAME" padding a SamePad2d)
     _method_spellings,           # x.to(dtype) -> ops.cast (floating dtypes only); x.max(y) -> torch.maximum
     _refuse_unknown_operations,  # everything left is in convify.ops' table (attention refused as such)
     _refuse_resizing,            # upsampling the geometry cannot place (to a size, by a fraction)

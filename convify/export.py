@@ -46,8 +46,8 @@ from torch import nn
 
 from . import limits
 from .errors import ConversionError, ConvifyError, OutputExistsError
-from .layers import (FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d,
-                     WindowLinear)
+from .layers import (CondConv2d, FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, SpaceToDepth,
+                     WindowAttentionPool2d, WindowLinear)
 from .ops import argument
 from .outputs import ensure_directory, write_atomic
 from .serialize import StoredGraph, graph_steps, run_step, substitute
@@ -251,6 +251,8 @@ class _ExportForm(nn.Module):
                 env[index] = _space_to_depth(layer, *args, **kwargs)
             elif isinstance(layer, WindowAttentionPool2d):
                 env[index] = _window_attention_pool(layer, *args, **kwargs)
+            elif isinstance(layer, CondConv2d):
+                env[index] = _cond_conv(layer, *args, **kwargs)
             else:
                 env[index] = run_step(self.net, step, args, kwargs)
             for freed in step.frees:
@@ -301,6 +303,23 @@ def _same_pad(layer: SamePad2d, x: torch.Tensor) -> torch.Tensor:
         total = _same_total(x.shape[2 + axis], layer.kernel_size[axis], layer.stride[axis], layer.dilation[axis])
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=layer.value)
+
+
+def _cond_conv(layer: CondConv2d, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+    """:class:`CondConv2d` as one convolution per expert, their maps mixed by each image's routing weights (the
+    same sum: a convolution is linear in its kernel), so the batch is never folded into the groups."""
+    kernels = layer.weight.view(layer.num_experts * layer.out_channels, layer.in_channels // layer.groups,
+                                *layer.kernel_size)
+    if layer.groups == 1:
+        maps = F.conv2d(x, kernels, None, layer.stride, layer.padding, layer.dilation)  # (N, E * out, H', W')
+    else:  # per expert: a grouped convolution cannot put the experts' kernels in one
+        maps = torch.cat([F.conv2d(x, k, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+                          for k in kernels.split(layer.out_channels)], 1)
+    maps = maps.view(x.shape[0], layer.num_experts, layer.out_channels, maps.shape[-2], maps.shape[-1])
+    out = (maps * routing[:, :, None, None, None]).sum(1)
+    if layer.bias is not None:
+        out = out + torch.matmul(routing, layer.bias)[:, :, None, None]
+    return out
 
 
 def _space_to_depth(layer: SpaceToDepth, x: torch.Tensor) -> torch.Tensor:

@@ -657,6 +657,9 @@ def window_of(name: str, module: Optional[torch.nn.Module], args: tuple, kwargs:
     def arg(position: int, key: str, default: Any = None) -> Any:
         return argument(args, kwargs, position, (key,), default)
 
+    if name == "cond_conv2d":
+        k, s, d, p = module.kernel_size, module.stride, module.dilation, module.padding
+        return tuple((k[a], s[a], p[a], p[a], d[a], 0) for a in (0, 1))
     if name == "conv2d":
         if module is not None:
             k, s, d, p = module.kernel_size, module.stride, module.dilation, module.padding

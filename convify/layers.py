@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "SamePad2d", "SpaceToDepth", "WindowAttentionPool2d", "overhang",
-           "same_padding"]
+__all__ = ["PointwiseConv2d", "WindowLinear", "FinerPool2d", "PhaseAvgPool2d", "SamePad2d", "SpaceToDepth",
+           "WindowAttentionPool2d", "CondConv2d", "overhang", "same_padding"]
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -376,3 +376,57 @@ class WindowAttentionPool2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features} -> {self.out_features or self.embed_dim}, heads={self.num_heads}, "
                 f"window={self.window}, class_token={self.class_token}")
+
+
+class CondConv2d(nn.Module):
+    """A convolution whose kernel is each image's own mix of ``num_experts`` kernels (CondConv, timm's
+    ``CondConv2d`` in the ``*efficientnet_cc_*`` models): ``routing`` ``(N, E)`` weighs the experts (a routing
+    computed from a global pool of the map, so the layer is global context). The same arithmetic as timm's: the
+    mixed kernels of the batch run as one grouped convolution over the images' channels side by side.
+
+    Parameters: ``weight`` ``(E, out * in / groups * kh * kw)``, ``bias`` ``(E, out)`` if ``bias``.
+
+    ``(N, in, H, W), (N, E) -> (N, out, H', W')``, ``H' = (H + 2 * padding - dilation * (kh - 1) - 1) // stride + 1``.
+    """
+
+    MAX_CHANNELS = 1 << 16
+    MAX_KERNEL = 64
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, num_experts: int = 4) -> None:
+        super().__init__()
+        if not all(_whole(v, 1, self.MAX_CHANNELS) for v in (in_channels, out_channels, groups, num_experts)) \
+                or in_channels % groups or out_channels % groups or not isinstance(bias, bool):
+            raise ValueError("in_channels, out_channels, groups and num_experts must be integers from 1 to 65536, "
+                             "the channels multiples of groups, and bias true or false")
+        self.in_channels, self.out_channels, self.groups, self.num_experts = in_channels, out_channels, groups, num_experts
+        self.kernel_size = _checked_pair("kernel_size", kernel_size, self.MAX_KERNEL)
+        self.stride = _checked_pair("stride", stride, self.MAX_KERNEL)
+        self.dilation = _checked_pair("dilation", dilation, self.MAX_KERNEL)
+        self.padding = _pair_of(padding)
+        if len(self.padding) != 2 or not all(_whole(p, 0, self.MAX_KERNEL * self.MAX_KERNEL) for p in self.padding):
+            raise ValueError(f"padding must be an integer from 0 to {self.MAX_KERNEL ** 2}, or a pair of them")
+        per_expert = out_channels * (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        self.weight = nn.Parameter(torch.empty(num_experts, per_expert))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """``(N, in, H, W), (N, E) -> (N, out, H', W')``."""
+        n, c, h, w = x.shape
+        weight = torch.matmul(routing, self.weight).view(n * self.out_channels, self.in_channels // self.groups,
+                                                         *self.kernel_size)
+        bias = torch.matmul(routing, self.bias).view(n * self.out_channels) if self.bias is not None else None
+        out = F.conv2d(x.reshape(1, n * c, h, w), weight, bias, self.stride, self.padding, self.dilation,
+                       self.groups * n)
+        return out.permute([1, 0, 2, 3]).view(n, self.out_channels, out.shape[-2], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, num_experts={self.num_experts}")
+
+
+def _pair_of(v: Any) -> tuple:
+    """An int or a pair, as a pair (whatever else it is, unchanged for :func:`_checked_pair` to refuse)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)

@@ -33,8 +33,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d,
-                     WindowLinear)
+from .layers import (CondConv2d, FinerPool2d, PhaseAvgPool2d, PointwiseConv2d, SamePad2d, SpaceToDepth,
+                     WindowAttentionPool2d, WindowLinear)
 
 __all__ = ["Op", "OPS", "op_name", "op_for", "unsupported_node", "function_key", "resolve_function",
            "function_op", "resolve_method", "module_class", "module_classes", "module_op", "argument", "TENSOR_ATTRIBUTES",
@@ -193,6 +193,8 @@ _TABLE: tuple[Op, ...] = (
     Op("conv1d", (nn.Conv1d,), (F.conv1d,)),
     # an attention-pooling head (CLIP's ResNets) applied to every window of the native map's size
     Op("window_attention_pool2d", (WindowAttentionPool2d,), window=True),
+    # a convolution whose kernel is each image's mix of experts (CondConv), weighed by a second input
+    Op("cond_conv2d", (CondConv2d,), window=True),
     # blocks folded into channels (TResNet's stem): a window of the block at a stride of the block
     Op("space_to_depth", (SpaceToDepth,), window=True),
     # upsampling by a whole factor (HRNet's fusion): the geometry places it (convify.geometry.upsampling)

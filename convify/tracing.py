@@ -97,7 +97,8 @@ class _ConcreteTracer(fx.Tracer):
 # layer: ``(module, name) -> what it computes``. Looked up only where the library is already imported (a model of it
 # is being traced). timm's ``pad_same`` pads by TensorFlow's "SAME" rule from the map's size at run time (the size
 # arithmetic inside it must not be frozen); its ``SpaceToDepth`` is TResNet's stem (views that fold 4x4 blocks); its
-# ``AttentionPool2d`` is CLIP's ResNets' head (the head rewrite applies it to every window of the map).
+# ``AttentionPool2d`` is CLIP's ResNets' head (the head rewrite applies it to every window of the map); its
+# ``CondConv2d`` mixes experts' kernels per image (a matrix product with its weights, the batch folded into channels).
 LIBRARY_LEAVES: dict[tuple[str, str], str] = {
     ("timm.layers.padding", "pad_same"): "same_pad",
     ("timm.models.layers.padding", "pad_same"): "same_pad",
@@ -105,6 +106,7 @@ LIBRARY_LEAVES: dict[tuple[str, str], str] = {
     ("timm.models.layers.space_to_depth", "SpaceToDepth"): "space_to_depth",
     ("timm.layers.attention_pool2d", "AttentionPool2d"): "attention_pool",
     ("timm.layers", "AttentionPool2d"): "attention_pool",
+    ("timm.layers.cond_conv2d", "CondConv2d"): "cond_conv",
 }
 
 
