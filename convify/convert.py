@@ -26,7 +26,6 @@ with one job:
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -40,10 +39,12 @@ from . import limits
 from .errors import ConversionError, LimitError
 from .fcn import FullyConvNet, ModelMeta, Rewrite
 from .geometry import analyse_geometry, upsampling
-from .layers import CondConv2d, PointwiseConv2d, SamePad2d, SpaceToDepth, WindowAttentionPool2d, WindowLinear
+from .library import (attention_pool_windows, cond_conv_layers, is_attention_pool, same_padding_layers,
+                      space_to_depth_layers)
+from .layers import PointwiseConv2d, WindowLinear
 from .ops import argument, cast, op_for, op_name, unsupported_nodes
-from .tracing import (Layout, eliminate_dead_code, example_input, fetch_attr, node_arg, pair, probe_layouts, run_graph, library_leaves,
-                      shape_of, trace)
+from .tracing import (Layout, eliminate_dead_code, example_input, fetch_attr, node_arg, node_label, pair, probe_layouts,
+                      run_graph, shape_of, trace, unused_name)
 
 __all__ = ["convert"]
 
@@ -220,7 +221,7 @@ class _HeadRewrite:
         if len(spatial_inputs) == 1 and op is not None and op.pool and out_layout.known and not out_layout.flattened:
             self._global_pool(node, src, src_layout, out_layout, op.pool)
             return
-        if len(spatial_inputs) == 1 and _is_attention_pool(gm, node):
+        if len(spatial_inputs) == 1 and is_attention_pool(gm, node):
             self._attention_pool(node, src, src_layout, out_layout)
             return
         if len(spatial_inputs) == 1 and name in ("flatten", "view", "reshape") and out_layout.shape is not None:
@@ -229,12 +230,12 @@ class _HeadRewrite:
                 self.flattened[node] = src
                 return
             raise ConversionError(
-                f"'{_node_label(node)}' reshapes the feature map {tuple(src_layout.shape)} into "
+                f"'{node_label(node)}' reshapes the feature map {tuple(src_layout.shape)} into "
                 f"{tuple(out_layout.shape)}, a sequence of tokens rather than one vector; token-mixing "
                 "models (ViT, Swin, attention heads) cannot be made fully convolutional"
             )
         raise ConversionError(
-            f"'{_node_label(node)}' ({label}) turns the feature map into something that is not a "
+            f"'{node_label(node)}' ({label}) turns the feature map into something that is not a "
             "global pool nor a flattened vector; convify cannot express it per position"
         )
 
@@ -264,17 +265,17 @@ class _HeadRewrite:
             dims = node_arg(node, 1, "dim")
             dims = {d % len(src_layout.shape) for d in ([dims] if isinstance(dims, int) else dims)}
             if dims != {src_layout.hdims[0], src_layout.wdims[0]}:
-                raise ConversionError(f"'{_node_label(node)}' reduces over dims {sorted(dims)}, not the map's "
+                raise ConversionError(f"'{node_label(node)}' reduces over dims {sorted(dims)}, not the map's "
                                       "height and width; convify cannot express it per position")
         elif name in ("avg_pool2d", "max_pool2d"):
             if out_shape[2:] != (1, 1) or _pool_kernel(gm, node) != (h, w) or _pool_padding(gm, node) != (0, 0):
-                raise ConversionError(f"'{_node_label(node)}' ({_describe_node(gm, node)}) pools a {h}x{w} map "
+                raise ConversionError(f"'{node_label(node)}' ({_describe_node(gm, node)}) pools a {h}x{w} map "
                                       "to 1x1 with a window that is not the whole map; convify cannot express it")
         elif out_shape[2:] != (1, 1):
-            raise ConversionError(f"'{_node_label(node)}' ({_describe_node(gm, node)}) is not a global pool")
+            raise ConversionError(f"'{node_label(node)}' ({_describe_node(gm, node)}) is not a global pool")
         x = self._to_nchw(self.env[src], src_layout.hdims[0], src_layout.wdims[0], c)
         label = _describe_node(gm, node)
-        target_base = _node_label(node)
+        target_base = node_label(node)
         if (h, w) == (1, 1):
             new = x
             self.rewrites.append(Rewrite(target_base, label, f"removed (the map is 1x1 at {self.size} px)"))
@@ -288,7 +289,7 @@ class _HeadRewrite:
         elif len(out_shape) == 2:
             self.head[node] = _HeadValue(out_shape, inserted=True, spatial=(2, 3))
         else:
-            raise ConversionError(f"'{_node_label(node)}' pools into shape {out_shape}; expected (N, C) or (N, C, 1, 1)")
+            raise ConversionError(f"'{node_label(node)}' pools into shape {out_shape}; expected (N, C) or (N, C, 1, 1)")
 
     def _to_nchw(self, x: fx.Node, hdim: int, wdim: int, cdim: int) -> fx.Node:
         order = (0, cdim, hdim, wdim)
@@ -306,7 +307,7 @@ class _HeadRewrite:
         out_features = weight.shape[0]
         sizes = layout.shape[1:]
         if weight.shape[1] != math.prod(sizes):
-            raise ConversionError(f"'{_node_label(node)}' expects {weight.shape[1]} inputs but the flattened map "
+            raise ConversionError(f"'{node_label(node)}' expects {weight.shape[1]} inputs but the flattened map "
                                   f"has {math.prod(sizes)}")
         # weight columns follow the flatten order of dims (1, 2, 3) of `src`; reorder them to (C, H, W)
         kernel = weight.detach().reshape(out_features, *sizes).permute(0, cdim, hdim, wdim)
@@ -348,7 +349,7 @@ class _HeadRewrite:
         if flat_inputs:
             if name != "linear" or node.args[0] is not flat_inputs[0] or len(flat_inputs) > 1:
                 raise ConversionError(
-                    f"'{_node_label(node)}' ({_describe_node(gm, node)}) consumes the flattened feature map; "
+                    f"'{node_label(node)}' ({_describe_node(gm, node)}) consumes the flattened feature map; "
                     "only a Linear layer can follow a flatten to be made convolutional (token-mixing or "
                     "attention heads cannot)"
                 )
@@ -367,7 +368,7 @@ class _HeadRewrite:
         rule = _HEAD_RULES.get(op.head) if op is not None and op.head else None
         if rule is None or not rule(self, node, value, inputs, out_shape):
             raise ConversionError(
-                f"head operation '{_node_label(node)}' ({_describe_node(gm, node)}) on a "
+                f"head operation '{node_label(node)}' ({_describe_node(gm, node)}) on a "
                 f"{'vector' if value.inserted else 'pooled map'} of shape {value.shape} has no per-position "
                 "equivalent in convify"
             )
@@ -515,7 +516,7 @@ def _rule_layer_norm(self: _HeadRewrite, node: fx.Node, value: _HeadValue, input
     normed = self.graph.create_node(node.op, node.target, args, fx.node.map_arg(node.kwargs, lambda n: self.env[n]))
     self.env[node] = self.graph.call_method("permute", (normed, (0, 3, 1, 2)))
     self.head[node] = _HeadValue(value.shape, True, (2, 3))
-    self.rewrites.append(Rewrite(_node_label(node), "LayerNorm over features", "LayerNorm over channels per position"))
+    self.rewrites.append(Rewrite(node_label(node), "LayerNorm over features", "LayerNorm over channels per position"))
     return True
 
 
@@ -644,7 +645,7 @@ def _follow_the_map(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, 
     for node, layout in layouts.items():
         if layout.known and 0 in layout.hdims + layout.wdims:
             raise ConversionError(
-                f"'{_node_label(node)}' ({_describe_node(gm, node)}) folds the feature map into the batch "
+                f"'{node_label(node)}' ({_describe_node(gm, node)}) folds the feature map into the batch "
                 "dimension (window partitioning, as in Swin); attention and token-mixing models cannot be "
                 "made fully convolutional"
             )
@@ -675,11 +676,11 @@ def _fixed_pools(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
         if src == out:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-            rewrites.append(Rewrite(_node_label(node), label, f"removed (identity at {size} px)"))
+            rewrites.append(Rewrite(node_label(node), label, f"removed (identity at {size} px)"))
             continue
         if src[2] % out[2] or src[3] % out[3]:
             raise ConversionError(
-                f"{label} at '{_node_label(node)}' resizes a {src[2]}x{src[3]} map to {out[2]}x{out[3]}, "
+                f"{label} at '{node_label(node)}' resizes a {src[2]}x{src[3]} map to {out[2]}x{out[3]}, "
                 "which no fixed pool does; convert at an input size where the map is a multiple of "
                 f"{out[2]}x{out[3]} (check input_size)"
             )
@@ -710,65 +711,13 @@ def _swap_pool(gm: fx.GraphModule, node: fx.Node, pool: nn.Module) -> Rewrite:
     """Replace a pool node of the traced graph by ``pool`` (under the same module path), and say so."""
     before = _describe_node(gm, node)
     with gm.graph.inserting_before(node):
-        target = node.target if node.op == "call_module" else _unused_name(gm, node.name)
+        target = node.target if node.op == "call_module" else unused_name(gm, node.name)
         gm.add_submodule(target, pool)
         new = gm.graph.call_module(target, (node.args[0],))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-    return Rewrite(_node_label(node), before, _describe_module(pool))
+    return Rewrite(node_label(node), before, _describe_module(pool))
 
-
-
-def _same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
-    """Make every traced call of a TensorFlow "SAME" padding function a :class:`~convify.layers.SamePad2d` layer.
-
-    timm's ``pad_same(x, kernel_size, stride, dilation, value)`` (traced as one call, see
-    :data:`convify.tracing.LIBRARY_LEAVES`) pads by the size of the map it meets; the layer does the
-    same for every input, where the native size's constant padding would be wrong at other sizes. Its window
-    arguments may be computed in the graph (``weight.shape[-2:]``): they are read off a run at the native size.
-
-    Returns:
-        The rewrites made, one per call.
-    """
-    functions = library_leaves("same_pad")
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in functions]
-    values: Optional[dict[fx.Node, Any]] = None
-    rewrites = []
-    for node in nodes:
-        try:
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-        except TypeError as e:
-            raise ConversionError(f"'{_node_label(node)}' calls {node.target.__name__} with arguments convify cannot "
-                                  f"read ({e})") from None
-        bound.apply_defaults()
-        x, *window = bound.arguments.values()
-        computed: list[fx.Node] = []
-        fx.node.map_arg(window, computed.append)
-        if computed:
-            values = values if values is not None else run_graph(gm, example)
-            window = [fx.node.map_arg(v, lambda n: values.get(n)) for v in window]
-        try:
-            kernel, stride, dilation, value = (tuple(int(a) for a in v) if isinstance(v, (tuple, list, torch.Size))
-                                               else v for v in window[:4])
-            layer = SamePad2d(kernel, stride, dilation, float(value))
-        except (TypeError, ValueError) as e:
-            raise ConversionError(f"'{_node_label(node)}' pads 'SAME' with arguments convify cannot use "
-                                  f"({str(e).splitlines()[0][:80]})") from None
-        owner = next(reversed(node.meta.get("nn_module_stack") or {"": ("", None)}.values()))[0]
-        target = _unused_name(gm, f"{owner.replace('.', '_')}_same_pad" if owner else "same_pad")
-        gm.add_submodule(target, layer)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(target, (x,))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        rewrites.append(Rewrite(target, f"{node.target.__module__}.{node.target.__name__} (TensorFlow 'SAME' padding)",
-                                f"SamePad2d({layer.extra_repr()})"))
-    if nodes:
-        eliminate_dead_code(gm.graph)
-        gm.graph.lint()
-        gm.recompile()
-    return rewrites
 
 
 def _method_spellings(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
@@ -808,7 +757,7 @@ def _refuse_unknown_operations(gm: fx.GraphModule, example: torch.Tensor) -> lis
 
     An unknown operation that is attention (:func:`_attention_layer`) is refused as attention, naming the layer.
     """
-    unknown = [(node, what) for node, what in unsupported_nodes(gm) if not _is_attention_pool(gm, node)]
+    unknown = [(node, what) for node, what in unsupported_nodes(gm) if not is_attention_pool(gm, node)]
     if not unknown:
         return []
     # attention anywhere is the reason, even past an unknown operation before it (EdgeNeXt's positional encoding)
@@ -819,112 +768,17 @@ def _refuse_unknown_operations(gm: fx.GraphModule, example: torch.Tensor) -> lis
     else:
         node, what = unknown[0]
         layer = next(filter(None, (_attention_layer(gm, n, named_only=True) for n in gm.graph.nodes
-                                   if not _is_attention_pool(gm, n))), None)
+                                   if not is_attention_pool(gm, n))), None)
         if layer is not None:  # an unknown operation outside it (MobileViT-v2's unfolding), attention inside
-            raise ConversionError(f"the model holds attention ({layer}), and '{_node_label(node)}' ({what}) is an "
+            raise ConversionError(f"the model holds attention ({layer}), and '{node_label(node)}' ({what}) is an "
                                   "operation convify does not support; attention mixes positions by weights computed "
                                   "from the image, which no convolution expresses")
-        raise ConversionError(f"'{_node_label(node)}' ({what}) is an operation convify does not support; models "
+        raise ConversionError(f"'{node_label(node)}' ({what}) is an operation convify does not support; models "
                               "built from torch.nn layers and standard tensor functions convert")
-    where = f"{layer} computes '{_node_label(node)}' ({what}), which" if layer else f"'{_node_label(node)}' ({what})"
+    where = f"{layer} computes '{node_label(node)}' ({what}), which" if layer else f"'{node_label(node)}' ({what})"
     raise ConversionError(f"{where} is attention (or token mixing): it mixes positions by weights computed from the "
                           "image, which no convolution expresses; attention models (BotNet, HaloNet, LambdaNet, ViT, "
                           "Swin) cannot be made fully convolutional")
-
-
-def _space_to_depth_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
-    """Make every library space-to-depth layer (timm's ``SpaceToDepth``, TResNet's stem, traced as one call) a
-    :class:`~convify.layers.SpaceToDepth`, which folds blocks the same way and is a window the geometry places."""
-    classes = tuple(library_leaves("space_to_depth"))
-    rewrites = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), classes):
-            continue
-        old = gm.get_submodule(node.target)
-        block = getattr(old, "bs", getattr(old, "block_size", None))
-        try:
-            layer = SpaceToDepth(block)
-        except ValueError as e:
-            raise ConversionError(f"'{node.target}' ({type(old).__name__}): {e}") from None
-        gm.add_submodule(node.target, layer)  # the same path, now convify's layer
-        rewrites.append(Rewrite(node.target, f"{type(old).__module__}.{type(old).__name__}", repr(layer)))
-    if rewrites:
-        gm.recompile()
-    return rewrites
-
-
-def _cond_conv_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
-    """Make every library CondConv layer (timm's ``CondConv2d``, traced as one call) convify's
-    :class:`~convify.layers.CondConv2d`: the same arithmetic, a window the geometry places; TensorFlow "SAME"
-    padding (the ``tf_`` models) as a :class:`~convify.layers.SamePad2d` in front of it."""
-    classes = tuple(library_leaves("cond_conv"))
-    rewrites = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), classes):
-            continue
-        old = gm.get_submodule(node.target)
-        try:
-            layer = CondConv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride,
-                               0 if old.dynamic_padding else old.padding, old.dilation, old.groups,
-                               old.bias is not None, old.num_experts)
-        except (AttributeError, ValueError) as e:
-            raise ConversionError(f"'{node.target}' ({type(old).__name__}): {e}") from None
-        with torch.no_grad():
-            layer.weight.copy_(old.weight)
-            if old.bias is not None:
-                layer.bias.copy_(old.bias)
-        gm.add_submodule(node.target, layer.to(old.weight.device, old.weight.dtype).eval())
-        if old.dynamic_padding:
-            pad = SamePad2d(old.kernel_size, old.stride, old.dilation)
-            target = _unused_name(gm, node.target.replace(".", "_") + "_same_pad")
-            gm.add_submodule(target, pad)
-            with gm.graph.inserting_before(node):
-                padded = gm.graph.call_module(target, (node.args[0],))
-            node.args = (padded, *node.args[1:])
-        rewrites.append(Rewrite(node.target, f"{type(old).__module__}.{type(old).__name__}", repr(layer)))
-    if rewrites:
-        gm.recompile()
-    return rewrites
-
-
-def _is_attention_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` calls a library attention-pooling head (traced as one call: tracing.LIBRARY_LEAVES)."""
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), tuple(library_leaves("attention_pool")))
-
-
-def attention_pool_windows(module: nn.Module, native: tuple[int, int]) -> WindowAttentionPool2d:
-    """timm's ``AttentionPool2d`` (CLIP's ResNets' head) as a :class:`~convify.layers.WindowAttentionPool2d` over
-    windows of ``native``, the map's ``(h, w)`` at the native input size; its positional embedding as the original
-    uses it there (resampled by timm when the map is not its ``feat_size``).
-
-    Raises:
-        ConversionError: a form the layer does not compute (no token pooling).
-    """
-    if getattr(module, "pool_type", "token") != "token":
-        raise ConversionError(f"{type(module).__name__} without token pooling gives a map, not a vector; convify "
-                              "converts it as a classifier's head only")
-    from timm.layers import resample_abs_pos_embed
-
-    with torch.no_grad():
-        pos = resample_abs_pos_embed(module.pos_embed.unsqueeze(0), native, old_size=module.feat_size,
-                                     num_prefix_tokens=1)[0]
-        if module.qkv is not None:
-            weight = module.qkv.weight
-            bias = module.qkv.bias if module.qkv.bias is not None else weight.new_zeros(weight.shape[0])
-        else:
-            weight = torch.cat([module.q.weight, module.k.weight, module.v.weight])
-            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
-                              for m in (module.q, module.k, module.v)])
-        proj = module.proj if isinstance(module.proj, nn.Linear) else None
-        layer = WindowAttentionPool2d(module.in_features, module.embed_dim, proj.out_features if proj else 0,
-                                      module.num_heads, native, class_token=module.cls_token is not None)
-        layer.qkv_weight.copy_(weight), layer.qkv_bias.copy_(bias), layer.pos.copy_(pos)
-        if module.cls_token is not None:
-            layer.cls.copy_(module.cls_token.reshape(-1))
-        if proj is not None:
-            layer.proj_weight.copy_(proj.weight)
-            layer.proj_bias.copy_(proj.bias if proj.bias is not None else torch.zeros_like(layer.proj_bias))
-    return layer.to(weight.device, weight.dtype).eval()
 
 
 def _refuse_resizing(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
@@ -933,7 +787,7 @@ def _refuse_resizing(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]
     for node in gm.graph.nodes:
         if op_name(gm, node) == "upsample":
             upsampling(gm.get_submodule(node.target) if node.op == "call_module" else None, node.args, node.kwargs,
-                       f"'{_node_label(node)}' ({_describe_node(gm, node)})")
+                       f"'{node_label(node)}' ({_describe_node(gm, node)})")
     return []
 
 
@@ -966,9 +820,9 @@ def _attention_layer(gm: fx.GraphModule, node: fx.Node, named_only: bool = False
 
 # The passes convert() runs over the traced graph, in this order, before it follows the map and rewrites the head.
 _PASSES = (
-    _same_padding_layers,        # library "SAME" padding -> SamePad2d, for the actual input's size
-    _space_to_depth_layers,      # library space-to-depth -> SpaceToDepth, a window the geometry places
-    _cond_conv_layers,           # library CondConv -> CondConv2d (and its "SAME" padding a SamePad2d)
+    same_padding_layers,         # library "SAME" padding -> SamePad2d, for the actual input's size
+    space_to_depth_layers,       # library space-to-depth -> SpaceToDepth, a window the geometry places
+    cond_conv_layers,            # library CondConv -> CondConv2d (and its "SAME" padding a SamePad2d)
     _method_spellings,           # x.to(dtype) -> ops.cast (floating dtypes only); x.max(y) -> torch.maximum
     _refuse_unknown_operations,  # everything left is in convify.ops' table (attention refused as such)
     _refuse_resizing,            # upsampling the geometry cannot place (to a size, by a fraction)
@@ -1024,23 +878,9 @@ def _pool_padding(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
     return pair(node_arg(node, 3, "padding", 0))
 
 
-def _unused_name(module: nn.Module, base: str) -> str:
-    names = {name for name, _ in module.named_modules()}
-    target, i = base, 1
-    while target in names or hasattr(module, target):
-        i += 1
-        target = f"{base}_{i}"
-    return target
-
-
 def _device_of(module: nn.Module) -> torch.device:
     tensor = next(iter(module.state_dict().values()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _node_label(node: fx.Node) -> str:
-    """The module path for module calls, else the node's name."""
-    return node.target if node.op == "call_module" else node.name
 
 
 def _describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -1156,5 +996,5 @@ def _first_difference(traced: fx.GraphModule, net: fx.GraphModule, x: torch.Tens
         try:
             torch.testing.assert_close(a.reshape(e.shape), e)
         except AssertionError:
-            return f"'{_node_label(node)}' ({_describe_node(traced, node)})"
+            return f"'{node_label(node)}' ({_describe_node(traced, node)})"
     return "none of the shared layers (the difference is in the rewritten head)"

@@ -24,7 +24,7 @@ from .errors import ConversionError
 
 __all__ = ["trace", "check_names", "run_graph", "fetch_attr", "Layout", "probe_layouts", "example_input", "shape_of",
            "walk_inputs", "node_arg", "pair", "library_leaves", "LIBRARY_LEAVES", "is_shape_query",
-           "eliminate_dead_code"]
+           "eliminate_dead_code", "unused_name", "node_label"]
 
 
 class _ConcreteTracer(fx.Tracer):
@@ -282,6 +282,21 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
             or node.kwargs.get("inplace") is True or getattr(node.target, "__name__", "") in ("iadd", "imul")
         if not node.users and node.op not in ("output", "placeholder") and not in_place and not node.is_impure():
             graph.erase_node(node)
+
+
+def unused_name(module: nn.Module, base: str) -> str:
+    """``base``, or ``base_2``, ``base_3``...: the first that names no layer or attribute of ``module``."""
+    names = {name for name, _ in module.named_modules()}
+    target, i = base, 1
+    while target in names or hasattr(module, target):
+        i += 1
+        target = f"{base}_{i}"
+    return target
+
+
+def node_label(node: fx.Node) -> str:
+    """The module path for module calls, else the node's name."""
+    return node.target if node.op == "call_module" else node.name
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:
