@@ -18,6 +18,13 @@ Two windows describe a cell ``(i, j)`` (row ``i``, column ``j`` of ``map[..., i,
 A body with *global context* (squeeze-and-excitation, global attention pools inside the network)
 lets every pixel of the image touch every cell: ``local`` is then False, and cells are the classifier's
 answer for their window *given the whole image as context*.
+
+Two kinds of layer make the arithmetic depend on more than the layers:
+
+- ``"same_pad"`` layers (TensorFlow "SAME" padding) pad before by a rule of the size they meet, so where cells
+  lie depends on the input's size (:attr:`Geometry.size_dependent`; :meth:`Geometry.cell_box` then takes it).
+- ``"upsample"`` layers (HRNet's fused branches) make spans fractions of a pixel inside the network; the
+  receptive field is then the least whole-pixel bound around them.
 """
 from __future__ import annotations
 
