@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write every outcome to this JSON file")
     parser.add_argument("--log", help="append each outcome to this JSON-lines file; skip what it already holds")
     parser.add_argument("--shuffle", action="store_true", help="a random order (from --seed), not by name")
+    parser.add_argument("--report", action="store_true",
+                        help="with --log: print the rates over what the log holds, and run nothing")
     parser.add_argument("--retry", action="store_true",
                         help="with --log: run again what the log holds as refused or error (after a fix)")
     parser.add_argument("--one", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
@@ -159,8 +161,9 @@ def main() -> None:
             last = {(r["source"], r["name"]): r for r in done_before}
             done_before = [r for r in last.values() if r["outcome"] in ("pass", "attention")]
         seen = {(r["source"], r["name"]) for r in done_before}
-        done_before = [r for r in done_before if (r["source"], r["name"]) in set(todo)]
-        todo = [item for item in todo if item not in seen]
+        done_before = list({(r["source"], r["name"]): r for r in done_before
+                            if (r["source"], r["name"]) in set(todo)}.values())  # the last line of each decides
+        todo = [] if args.report else [item for item in todo if item not in seen]
 
     def run(item: tuple[str, str]) -> dict:
         source, name = item

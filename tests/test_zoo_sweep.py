@@ -48,3 +48,17 @@ def test_a_log_resumes_and_retry_runs_failures_again(tmp_path) -> None:
     last = json.loads(log.read_text().splitlines()[-1])
     assert (last["name"], last["outcome"]) == ("resnet18", "pass")
     assert "1 of 1 non-attention architectures convert" in done.stdout
+
+
+def test_report_prints_the_rates_of_a_log_and_runs_nothing(tmp_path) -> None:
+    log = tmp_path / "sweep.jsonl"
+    lines = [{"source": "timm", "name": "resnet18", "outcome": "error", "why": "killed"},
+             {"source": "timm", "name": "resnet18", "outcome": "pass"},  # the last line of an architecture decides
+             {"source": "timm", "name": "botnet26t_256", "outcome": "attention", "why": "x is attention"},
+             {"source": "timm", "name": "ghostnetv2_100", "outcome": "refused", "why": "resizes to a target size"}]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    done = subprocess.run([sys.executable, str(SWEEP), "--source", "timm", "--log", str(log), "--report"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "0 architectures" in done.stdout
+    assert "timm: 1 of 2 non-attention architectures convert (50.0%); 1 refused as attention, 1 refused" in done.stdout
+    assert log.read_text().count("\n") == 4  # nothing ran, nothing appended
