@@ -735,6 +735,8 @@ def _method_spellings(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite
         return values.get(arg)
 
     for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target == "to" and len(node.args) == 1 and set(node.kwargs) == {"dtype"}:
+            node.args, node.kwargs = (node.args[0], node.kwargs["dtype"]), {}  # x.to(dtype=...) (FilterResponseNorm)
         if node.op != "call_method" or len(node.args) != 2 or node.kwargs:
             continue  # other forms stay unknown, and are refused
         if node.target == "to" and isinstance(value(node.args[1]), torch.dtype) and value(node.args[1]).is_floating_point:

@@ -298,21 +298,22 @@ class EfficientChannelAttention(nn.Module):
 
 
 class EvoNorms(nn.Module):
-    """timm's EvoNorm-B0 (running variance expanded to the map, instance std) and -S0 (group std expanded to the
-    map): statistics in float32, cast back with ``.to(x.dtype)``."""
+    """timm's EvoNorm-B0 (running variance expanded to the map, instance std), -S0 (group std expanded to the map)
+    and FilterResponseNorm: statistics in float32, cast back with ``.to(x.dtype)`` or ``.to(dtype=...)``."""
 
     def __init__(self) -> None:
         super().__init__()
-        from timm.layers import EvoNorm2dB0, EvoNorm2dS0
+        from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
 
         self.conv1, self.norm1 = nn.Conv2d(3, 16, 3, stride=2), EvoNorm2dB0(16)
         self.conv2, self.norm2 = nn.Conv2d(16, 16, 3, stride=2), EvoNorm2dS0(16, group_size=8)
+        self.frn = FilterResponseNormTlu2d(16)  # x.to(dtype=...), torch.maximum with a threshold
         self.fc = nn.Linear(16, 3)
         with torch.no_grad():
             self.norm1.running_var.uniform_(0.5, 2.0)
 
     def forward(self, x):
-        return self.fc(self.norm2(self.conv2(self.norm1(self.conv1(x)))).mean((2, 3)))
+        return self.fc(self.frn(self.norm2(self.conv2(self.norm1(self.conv1(x))))).mean((2, 3)))
 
 
 def test_evonorms_convert_as_global_context_and_round_trip(tmp_path):
