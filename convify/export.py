@@ -138,7 +138,7 @@ def default_check_sizes(fcn: Any) -> list[tuple[int, int, int]]:
     smallest = g.min_input_size()
     if smallest < n:
         sizes.append((1, smallest, smallest))
-    if _whole_strides(g):  # it runs at the native size plus whole strides (HRNet): the next such sizes
+    if g.upsamples:  # it runs at the native size plus whole strides (HRNet): the next such sizes
         sizes = list(dict.fromkeys((b, h + (n - h) % g.stride, w + (n - w) % g.stride) for b, h, w in sizes))
     return sizes
 
@@ -513,7 +513,7 @@ def _traced(form: nn.Module, geometry: Any, native: int) -> Any:
     dims = ({0: torch.export.Dim("batch", min=1, max=1 << 16),
              2: torch.export.Dim("height", min=smallest, max=limits.MAX_SIDE),
              3: torch.export.Dim("width", min=smallest, max=limits.MAX_SIDE)},)
-    if _whole_strides(geometry):  # sizes the native one plus whole strides: height = stride * cells + remainder
+    if geometry.upsamples:  # sizes the native one plus whole strides: height = stride * cells + remainder
         stride, rest = geometry.stride, native % geometry.stride
         cells = torch.export.Dim("cells", min=max(1, -(-(smallest - rest) // stride)),
                                  max=(limits.MAX_SIDE - rest) // stride)
@@ -532,19 +532,13 @@ def _traced(form: nn.Module, geometry: Any, native: int) -> Any:
     return exported
 
 
-def _whole_strides(geometry: Any) -> bool:
-    """Whether the network runs only where fused branches agree in size (HRNet's upsampled branches): the native
-    size plus whole strides always does; the export and its checks keep to those sizes."""
-    return any(layer["op"] == "upsample" for layer in geometry.layers)
-
-
 def _example_size(geometry: Any, native: int) -> tuple[int, int]:
     """Odd sizes above the native one (when the network runs at odd sizes) whose maps are at least 3x2."""
     def first(start: int, cells: int) -> int:
-        if _whole_strides(geometry):
+        if geometry.upsamples:
             start += (native - start) % geometry.stride
         for size in range(start, min(start + 8 * geometry.stride, limits.MAX_SIDE) + 1,
-                          geometry.stride if _whole_strides(geometry) else 1):
+                          geometry.stride if geometry.upsamples else 1):
             if geometry.output_size(size)[0] >= cells:
                 return size
         return min(start, limits.MAX_SIDE)  # no such size: torch.export will say what fails

@@ -108,7 +108,7 @@ def finer_stride(fcn: FullyConvNet, stride: int) -> FullyConvNet:
     g = fcn.geometry
     if stride == g.stride:
         return fcn
-    if any(layer["op"] == "upsample" for layer in g.layers):
+    if g.upsamples:
         raise ConversionError("this network upsamples inside its body (as HRNet fuses its branches); convify cannot "
                               f"make such a network finer (use its own stride, {g.stride})")
     if g.size_dependent:

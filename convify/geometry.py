@@ -105,6 +105,12 @@ class Geometry:
         the input's size, and :attr:`offset` and :attr:`rf_offset` are those of the native size."""
         return any(layer["op"] == "same_pad" for layer in self.layers)
 
+    @property
+    def upsamples(self) -> bool:
+        """Whether the network upsamples inside (``"upsample"`` layers: HRNet's fused branches). It then runs only
+        at input sizes where the fused branches agree in size (the native size plus whole strides always do)."""
+        return any(layer["op"] == "upsample" for layer in self.layers)
+
     def axis_offsets(self, length: int, axis: int = 0) -> tuple[int, int]:
         """``(offset, rf_offset)`` along one axis (0: rows, 1: columns) for an input ``length`` px long.
 

@@ -77,15 +77,19 @@ def same_padding_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewri
     return rewrites
 
 
+def _library_layer_calls(gm: fx.GraphModule, kind: str) -> list[tuple[fx.Node, nn.Module]]:
+    """``(node, layer)`` for every call of a library layer of ``kind`` (a layer class of
+    :data:`convify.tracing.LIBRARY_LEAVES`), listed before a pass changes the graph."""
+    classes = tuple(library_leaves(kind))
+    calls = [(node, gm.get_submodule(node.target)) for node in gm.graph.nodes if node.op == "call_module"]
+    return [(node, layer) for node, layer in calls if isinstance(layer, classes)]
+
+
 def space_to_depth_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]:
     """Make every library space-to-depth layer (timm's ``SpaceToDepth``, TResNet's stem, traced as one call) a
     :class:`~convify.layers.SpaceToDepth`, which folds blocks the same way and is a window the geometry places."""
-    classes = tuple(library_leaves("space_to_depth"))
     rewrites = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), classes):
-            continue
-        old = gm.get_submodule(node.target)
+    for node, old in _library_layer_calls(gm, "space_to_depth"):
         block = getattr(old, "bs", getattr(old, "block_size", None))
         try:
             layer = SpaceToDepth(block)
@@ -102,12 +106,8 @@ def cond_conv_layers(gm: fx.GraphModule, example: torch.Tensor) -> list[Rewrite]
     """Make every library CondConv layer (timm's ``CondConv2d``, traced as one call) convify's
     :class:`~convify.layers.CondConv2d`: the same arithmetic, a window the geometry places; TensorFlow "SAME"
     padding (the ``tf_`` models) as a :class:`~convify.layers.SamePad2d` in front of it."""
-    classes = tuple(library_leaves("cond_conv"))
     rewrites = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), classes):
-            continue
-        old = gm.get_submodule(node.target)
+    for node, old in _library_layer_calls(gm, "cond_conv"):
         try:
             layer = CondConv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride,
                                0 if old.dynamic_padding else old.padding, old.dilation, old.groups,
