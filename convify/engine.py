@@ -47,7 +47,7 @@ from PIL import Image, ImageOps
 from . import limits
 from .devices import DeviceLike, autocast, check_finite, check_precision, on_device, resolve_device
 from .errors import ConvifyError, ImageError, LimitError, OutputExistsError
-from .fcn import FullyConvNet, load
+from .fcn import FullyConvNet, load, main_map
 from .outputs import check_not_inputs, ensure_directory, write_files
 from .tiling import tiled_map
 
@@ -602,6 +602,40 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
         return _fused(picture, fcn, size, max_pixels, max_memory, pad,
                       tuple(scales) if scales is not None else (1,), flip,
                       str(image) if isinstance(image, (str, os.PathLike)) else None, precision)
+    prepared = prepare(picture, fcn, size, max_pixels, pad)
+    logits = run_network(fcn, prepared.x, max_memory, precision, shown=(prepared.width, prepared.height))
+    return make_result(picture, logits, fcn, prepared, str(image) if isinstance(image, (str, os.PathLike)) else None,
+                       precision)
+
+
+class Prepared(NamedTuple):
+    """An image made ready for the network by :func:`prepare`.
+
+    Attributes:
+        x: ``(1, 3, H, W)`` float32, normalised, padded, channels-last: what the network runs on.
+        width, height: the image's size after resizing (before padding).
+        pad: ``(left, top, right, bottom)`` pixels of padding around it, so ``W = width + left + right``.
+    """
+
+    x: torch.Tensor
+    width: int
+    height: int
+    pad: tuple[int, int, int, int]
+
+
+def prepare(picture: Image.Image, fcn: FullyConvNet, size: Union[int, str, None] = "auto",
+            max_pixels: int = limits.MAX_PIXELS, pad: Optional[str] = "reflect") -> Prepared:
+    """Resize, normalise and pad an RGB image for ``fcn`` under the size policy (module docs); no network runs.
+
+    Cheap to run in a worker process (it reads only ``fcn.meta`` and ``fcn.geometry``).
+
+    Raises:
+        ImageError: the image is too small (or too elongated) for the network at this size.
+        LimitError: the size asked for is over ``max_pixels`` or MAX_SIDE.
+        ConvifyError: a bad ``size``, ``max_pixels`` or ``pad``.
+    """
+    if pad not in PAD_MODES:
+        raise ConvifyError(f"pad must be one of {', '.join(str(m) for m in PAD_MODES)}; got {pad!r}")
     meta, geometry = fcn.meta, fcn.geometry
     (width, height), capped = _target_size(picture.width, picture.height, size, geometry.window, max_pixels)
     too_small = min(width, height) < geometry.min_input_size()
@@ -618,27 +652,58 @@ def heatmap(image: ImageLike, model: ModelLike = None, size: Union[int, str, Non
                          f"{geometry.min_input_size()} px a side (use a larger size)")
     try:
         resized = picture if (width, height) == picture.size else picture.resize((width, height), Image.BICUBIC)
-        x = _normalise(resized, meta.mean, meta.std)
         pads = padding(geometry, width, height, pad)
-        x = pad_input(x, pads, pad)
+        x = pad_input(_normalise(resized, meta.mean, meta.std), pads, pad)
+    except MemoryError:
+        raise LimitError(f"out of memory preparing a {width}x{height} px input "
+                         "(lower --size or --max-pixels)") from None
+    return Prepared(x, width, height, pads)
+
+
+def run_network(fcn: FullyConvNet, x: torch.Tensor, max_memory: int = limits.DEFAULT_MAX_MEMORY,
+                precision: str = "float32", shown: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``fcn``'s map of a prepared input ``(N, 3, H, W)``: ``(N, C, H', W')`` float32 on the CPU.
+
+    One image (N = 1) runs in exact tiles when its pass would need more than ``max_memory``
+    (:func:`convify.tiling.tiled_map`); a batch runs in one pass (the caller sizes it: :func:`convify.tiling.batch_fits`).
+
+    Raises:
+        LimitError: out of memory.
+        ConvifyError: a non-finite score in a reduced precision.
+    """
+    try:
         param = next(iter(fcn.parameters()), None)
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
         fcn.eval()
-        with autocast(resolve_device(None, fcn), precision):
-            logits = tiled_map(fcn, x, max_memory)
+        with torch.inference_mode(), autocast(resolve_device(None, fcn), precision):
+            if x.shape[0] == 1:
+                logits = tiled_map(fcn, x, max_memory)[None]
+            else:
+                logits = main_map(fcn(x)).float().cpu()
         check_finite(logits, precision)
-        boxes, centers = _cell_boxes(geometry, logits.shape[1:], picture.size, (width, height), pads)
+        return logits
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
             raise
-        raise LimitError(f"out of memory running the network on {width}x{height} px "
+        width, height = shown or (x.shape[3], x.shape[2])
+        batch = f" (a batch of {x.shape[0]})" if x.shape[0] > 1 else ""
+        raise LimitError(f"out of memory running the network on {width}x{height} px{batch} "
                          "(lower --size or --max-pixels)") from None
+
+
+def make_result(picture: Image.Image, logits: torch.Tensor, fcn: FullyConvNet, prepared: Prepared,
+                source: Optional[str] = None, precision: str = "float32") -> HeatmapResult:
+    """The :class:`HeatmapResult` of ``logits`` ``(C, H', W')`` (or ``(1, C, H', W')``), the map of ``prepared``
+    (made from ``picture`` by :func:`prepare`): cells placed in ``picture``'s pixels."""
+    logits = logits[0] if logits.dim() == 4 else logits
+    boxes, centers = _cell_boxes(fcn.geometry, logits.shape[1:], picture.size, (prepared.width, prepared.height),
+                                 prepared.pad)
+    meta = fcn.meta
     classes = list(meta.classes) if meta.classes and len(meta.classes) == logits.shape[0] else \
         [f"class {i}" for i in range(logits.shape[0])]
-    source = str(image) if isinstance(image, (str, os.PathLike)) else None
-    return HeatmapResult(picture, logits, classes, boxes, centers, (width, height), geometry, meta.arch, source,
-                         pad=pads, precision=precision)
+    return HeatmapResult(picture, logits, classes, boxes, centers, (prepared.width, prepared.height), fcn.geometry,
+                         meta.arch, source, pad=prepared.pad, precision=precision)
 
 
 def _fused(picture: Image.Image, fcn: FullyConvNet, size: Union[int, str, None], max_pixels: int,
