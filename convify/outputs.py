@@ -34,7 +34,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequen
 
 from .errors import OutputError
 
-__all__ = ["write_atomic", "write_files", "check_not_inputs", "ensure_directory", "temp_pattern", "WriteError"]
+__all__ = ["write_atomic", "write_files", "check_not_inputs", "InputIndex", "ensure_directory", "temp_pattern",
+           "WriteError"]
 
 PathLike = Union[str, os.PathLike]
 Writer = Callable[[BinaryIO], Any]
@@ -330,33 +331,51 @@ def check_not_inputs(outputs: Iterable[PathLike], inputs: Iterable[Optional[Path
     Raises:
         OutputError: an output is an input (``force`` does not change this).
     """
-    existing = []
-    for source in inputs:
-        if source is None:
-            continue
-        path = Path(source)
-        try:
-            existing.append((path, path.resolve(), os.stat(path)))
-        except (OSError, RuntimeError, ValueError):  # missing, unreadable, a symlink loop, a NUL in the name
-            continue
-    if not existing:
-        return
-    for output in outputs:
+    InputIndex(inputs).check(outputs)
+
+
+class InputIndex:
+    """The files a run reads, by resolved path and by device and inode (so symlinks and hard links count):
+    asking whether an output is one of them costs one ``resolve`` and one ``stat``, however many inputs."""
+
+    def __init__(self, inputs: Iterable[Optional[PathLike]]) -> None:
+        self.by_path: dict[Path, Path] = {}
+        self.by_inode: dict[tuple[int, int], Path] = {}
+        for source in inputs:
+            if source is None:
+                continue
+            path = Path(source)
+            try:
+                resolved, st = path.resolve(), os.stat(path)
+            except (OSError, RuntimeError, ValueError):  # missing, unreadable, a symlink loop, a NUL in the name
+                continue
+            self.by_path.setdefault(resolved, path)
+            self.by_inode.setdefault((st.st_dev, st.st_ino), path)
+
+    def source_of(self, output: PathLike) -> Optional[Path]:
+        """The input ``output`` is (as given), or None."""
+        if not self.by_path:
+            return None
         out = Path(output)
         try:
-            resolved = out.resolve()
+            found = self.by_path.get(out.resolve())
         except (OSError, RuntimeError, ValueError):
-            continue
+            return None
+        if found is not None:
+            return found
         try:
-            out_stat: Optional[os.stat_result] = os.stat(out)
+            st = os.stat(out)
         except (OSError, ValueError):
-            out_stat = None
-        for path, path_resolved, path_stat in existing:
-            same = resolved == path_resolved or (
-                out_stat is not None and (out_stat.st_dev, out_stat.st_ino) == (path_stat.st_dev, path_stat.st_ino))
-            if same:
-                raise OutputError(f"{out} is an input of this run ({path}); refusing to overwrite it even with "
-                                  "--force: choose another output")
+            return None
+        return self.by_inode.get((st.st_dev, st.st_ino))
+
+    def check(self, outputs: Iterable[PathLike]) -> None:
+        """Raises OutputError if any output is an input."""
+        for output in outputs:
+            source = self.source_of(output)
+            if source is not None:
+                raise OutputError(f"{Path(output)} is an input of this run ({source}); refusing to overwrite it "
+                                  "even with --force: choose another output")
 
 
 def ensure_directory(directory: PathLike) -> Path:
