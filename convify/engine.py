@@ -423,30 +423,51 @@ class HeatmapResult:
         """
         directory = Path(directory)
         stem = stem or Path(self.source or "image").stem
-        unknown = set(formats) - {"png", "json", "npy"}
-        if unknown:
-            raise ConvifyError(f"unknown format(s) {', '.join(sorted(unknown))}; use png, json, npy")
         indices = list(dict.fromkeys(self.class_index(q) for q in queries))
-        planned: list[tuple[Path, Any]] = []
-        if "png" in formats:
-            slugs = [_slug(self.classes[index]) for index in indices]
-            for index, slug in zip(indices, slugs):
-                name = slug if slugs.count(slug) == 1 else f"{slug}_{index}"  # "red-ish" and "red ish"
-                planned.append((directory / f"{stem}.{name}.png", lambda index=index: _png(self.overlay(index))))
-            if not indices:
-                planned.append((directory / f"{stem}.heatmap.png", lambda: _png(self.grid(k))))
-        if "json" in formats:
-            planned.append((directory / f"{stem}.json",
-                            lambda: json.dumps(self.summary(max(k, 5), indices), indent=2).encode()))
-        if "npy" in formats:
-            planned.append((directory / f"{stem}.logits.npy", lambda: _npy(self.logits)))
-            planned.append((directory / f"{stem}.boxes.npy", lambda: _npy(self.boxes)))
+        makers = {"png": lambda index: _png(self.overlay(index)), "grid": lambda _: _png(self.grid(k)),
+                  "json": lambda _: json.dumps(self.summary(max(k, 5), indices), indent=2).encode(),
+                  "logits": lambda _: _npy(self.logits), "boxes": lambda _: _npy(self.boxes)}
+        planned = [(path, lambda kind=kind, index=index: makers[kind](index))
+                   for path, kind, index in _output_plan(directory, stem, self.classes, indices, formats)]
         check_not_inputs([p for p, _ in planned], [self.source, *inputs])
         existing = [str(p) for p, _ in planned if p.exists()]
         if existing and not force:
             raise OutputExistsError(f"{existing[0]} already exists; use --force (force=True) to overwrite it")
         ensure_directory(directory)
         return write_files([(path, lambda f, make=make: f.write(make())) for path, make in planned])
+
+
+FORMATS = ("png", "json", "npy")
+
+
+def output_files(directory: Union[str, os.PathLike], stem: str, classes: Sequence[str],
+                 queries: Sequence[Union[str, int]] = (), formats: Sequence[str] = ("png", "json", "npy")) -> list[Path]:
+    """The files :meth:`HeatmapResult.save` writes for an image, in the order it writes them (without running
+    anything): a run asks this to know whether an image's outputs already exist complete."""
+    indices = list(dict.fromkeys(resolve_class(classes, q) for q in queries))
+    return [path for path, _, _ in _output_plan(Path(directory), stem, classes, indices, formats)]
+
+
+def _output_plan(directory: Path, stem: str, classes: Sequence[str], indices: Sequence[int],
+                 formats: Sequence[str]) -> list[tuple[Path, str, Optional[int]]]:
+    """``(path, kind, class index)`` of each file written; kinds: png (one class), grid, json, logits, boxes."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ConvifyError(f"unknown format(s) {', '.join(sorted(unknown))}; use {', '.join(FORMATS)}")
+    plan: list[tuple[Path, str, Optional[int]]] = []
+    if "png" in formats:
+        slugs = [_slug(classes[index]) for index in indices]
+        for index, slug in zip(indices, slugs):
+            name = slug if slugs.count(slug) == 1 else f"{slug}_{index}"  # "red-ish" and "red ish"
+            plan.append((directory / f"{stem}.{name}.png", "png", index))
+        if not indices:
+            plan.append((directory / f"{stem}.heatmap.png", "grid", None))
+    if "json" in formats:
+        plan.append((directory / f"{stem}.json", "json", None))
+    if "npy" in formats:
+        plan.append((directory / f"{stem}.logits.npy", "logits", None))
+        plan.append((directory / f"{stem}.boxes.npy", "boxes", None))
+    return plan
 
 
 def _prediction_dict(p: Prediction, size: tuple[int, int]) -> dict[str, Any]:
