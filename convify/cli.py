@@ -9,7 +9,6 @@ so a file cannot forge report lines or send terminal escapes.
 from __future__ import annotations
 
 import sys
-import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -249,7 +248,11 @@ _PRECISION = click.option("--precision", type=click.Choice(["float32", "bf16", "
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
+@click.option("--manifest", "manifests", multiple=True, type=click.Path(dir_okay=False),
+              help="A text file naming one image a line (relative paths from its directory). Repeatable.")
+@click.option("--ext", "extensions", help="Extensions a directory or glob keeps, comma-separated (default: the "
+              "image, TIFF and slide formats convify reads).")
 @click.option("--model", help="A converted file, a model file convify convert accepts, or an architecture "
                               "(its pretrained weights, or --weights). Default: EfficientNet-Lite0, offline.")
 @click.option("--weights", help="A state_dict for --model ARCH.")
@@ -264,7 +267,17 @@ _PRECISION = click.option("--precision", type=click.Choice(["float32", "bf16", "
 @click.option("--max-pixels", "max_pixels", type=click.IntRange(min=1), default=limits.MAX_PIXELS,
               show_default=True, help="Most pixels the network may run on for one image.")
 @click.option("--max-memory", "max_memory", type=_Bytes(), default="2G", show_default=True,
-              help="Memory budget for the network's tensors; larger images are computed in exact tiles.")
+              help="Memory budget for the network's tensors (a batch's together); larger images are computed in "
+                   "exact tiles.")
+@click.option("--batch-size", "batch_size", type=click.IntRange(min=1, max=4096),
+              help="Most images of the same size in one forward pass (default: 1 on a CPU, where it is fastest, "
+                   "16 on a GPU).")
+@click.option("--workers", type=click.IntRange(min=0, max=1024),
+              help="Processes that read and resize images while the network runs (default: half the cores; 0: none); "
+                   "with --ray, the actors that run the network.")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run on a Ray cluster (pip install "
+              "'convify[ray]'): auto finds or starts one, ADDRESS joins one. Outputs go to -o, which every node "
+              "must see.")
 @click.option("--level", type=click.IntRange(min=0), help="Pyramid level of a TIFF or slide to read (0: full "
               "resolution); the image is then streamed (see below).")
 @click.option("--scale", type=click.FloatRange(min=0, min_open=True), help="A downsample factor instead of "
@@ -286,23 +299,36 @@ _PRECISION = click.option("--precision", type=click.Choice(["float32", "bf16", "
 @_DEVICE
 @_PRECISION
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help="Directory for the files written.")
+              show_default=True, help="Directory for the files written (images found in a directory mirror "
+              "their place in it).")
 @click.option("--format", "formats", default="png,json", show_default=True,
               help="What to write, comma-separated: png (overlay), json (summary), npy (raw maps).")
-@click.option("--force", is_flag=True, help="Overwrite existing output files (never an input file).")
+@click.option("--table", "tables", multiple=True, metavar="FILE|none",
+              help="The results table: FILE.parquet or FILE.csv (one row per image: status, sizes, top classes, "
+                   "peak scores, cells, boxes). Repeatable. Default: OUTPUT/results.parquet when the run has "
+                   "more than one image; none: no table.")
+@click.option("--force", is_flag=True, help="Redo images whose outputs exist and overwrite them (never an input).")
 @click.option("--trust-pickle", is_flag=True, help="As for convify convert.")
 @click.pass_context
-def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], weights: Optional[str],
-            queries: tuple[str, ...], top_k: int, size, max_pixels: int, max_memory: int, level: Optional[int],
-            scale: Optional[float], overlay_side: int, all_classes: bool, pad: str, scales: Optional[tuple],
-            flip: bool, stride: Optional[int], device: Optional[str], precision: str, output: Path, formats: str,
+def heatmap(ctx: click.Context, images: tuple[str, ...], manifests: tuple[str, ...], extensions: Optional[str],
+            model: Optional[str], weights: Optional[str], queries: tuple[str, ...], top_k: int, size,
+            max_pixels: int, max_memory: int, batch_size: Optional[int], workers: Optional[int],
+            ray_address: Optional[str], level: Optional[int], scale: Optional[float], overlay_side: int,
+            all_classes: bool, pad: str, scales: Optional[tuple], flip: bool, stride: Optional[int],
+            device: Optional[str], precision: str, output: Path, formats: str, tables: tuple[str, ...],
             force: bool, trust_pickle: bool) -> None:
-    """Draw class heatmaps for IMAGES with one forward pass each.
+    """Draw class heatmaps for IMAGES: files, directories (searched recursively), globs ('photos/**/*.jpg').
 
     Prints each image's best classes with their score and peak box (in the image's own pixels) and writes
     IMAGE.heatmap.png (the top classes side by side) or, with --class, IMAGE.CLASS.png per class, plus
-    IMAGE.json. An image that fails (unreadable, too large, out of memory, output not writable) is reported
-    on one line and skipped; the others are still done, and the exit code is then 1.
+    IMAGE.json, under -o mirroring the input tree (a/x.jpg and b/x.jpg -> OUT/a/x.*, OUT/b/x.*), and a results
+    table for the run. Images of the same size run together in batched forward passes while worker processes
+    read the next ones.
+
+    Resumable: an image whose outputs all exist is skipped (--force redoes it); each image's files appear
+    together or not at all, so a run that was killed, started again, does only what is left. An image that
+    fails (unreadable, too large, out of memory, output not writable) is reported on one line and in the
+    table; the others are still done, and the exit code is then 1.
 
     Images too large for memory (a TIFF or whole-slide image with --size none and more than --max-pixels,
     or any image with --level/--scale) are streamed: read region by region, computed in exact tiles within
@@ -312,79 +338,137 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], model: Optional[str], w
     Example:
 
         convify heatmap samples/cat_and_coffee.jpg --class espresso --class "tiger cat" -o out/
+
+        convify heatmap photos/ -o maps/ --batch-size 8          # again: skips what is done
+
+        convify heatmap photos/ -o /shared/maps --ray auto --workers 4
     """
-    from .engine import clip_box, heatmap as run_heatmap
-    from .large import is_large, large_heatmap
+    from .batch import RunSettings, default_batch_size
+    from .collection import find_images, write_table
+    from .devices import check_precision, on_device, resolve_device
+    from .large import is_large
     from .models import network_for
+    from .runner import OutputSpec, run_images, streamer
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     unknown = sorted(set(wanted) - {"png", "json", "npy"})
     if unknown or not wanted:
         raise click.UsageError(f"--format takes png, json and npy, comma-separated; got {printable(formats, 60)!r}")
-    stems = [Path(i).stem for i in images]
-    if len(set(stems)) != len(stems):
-        raise click.UsageError("two IMAGES have the same file name; their outputs would collide")
+    if not images and not manifests:
+        raise click.UsageError("give IMAGES (files, directories or globs) or --manifest FILE")
+    table_paths = _table_paths(tables)
+    found = find_images(images, manifests, extensions.split(",") if extensions is not None else None, exclude=output)
+    if not found.images:
+        raise ConvifyError("no images found in " + ", ".join(printable(i, 80) for i in images + manifests)
+                           + " (see --ext)")
+    if not tables and len(found.images) > 1:
+        table_paths = [output / "results.parquet"]
     fcn = network_for(model, weights, trust_pickle=trust_pickle)
     if stride is not None:
         from .finer import finer_stride
 
         fcn = finer_stride(fcn, stride)
-    from .devices import check_precision, on_device, resolve_device
-
     fcn = on_device(fcn, device)
     precision = check_precision(resolve_device(None, fcn), precision)  # refused once, not per image
     if fcn.classes:
-        from .engine import resolve_class
-
-        for query in queries:
-            resolve_class(fcn.classes, query)
         top_k = min(top_k, len(fcn.classes))
-    inputs = [*images, model, weights]
+    settings = RunSettings(size, max_pixels, max_memory, pad, scales, flip, precision,
+                           batch_size or default_batch_size(fcn))
+    out = OutputSpec(output, tuple(queries), top_k, tuple(wanted), force,
+                     tuple(str(f) for f in (model, weights) if f))
+    backend = None
+    if ray_address:
+        from .ray import jobs_backend
+
+        backend = jobs_backend(fcn, out, settings, address=ray_address, workers=workers)
+    outcomes = run_images(found, fcn, out, settings, workers=workers,
+                          is_large=lambda path: is_large(path, size, max_pixels, level, scale),
+                          stream=streamer(fcn, out, settings, level=level, scale=scale, overlay_side=overlay_side,
+                                          all_classes=all_classes), backend=backend)
     debug = bool(ctx.find_root().params.get("debug"))
-    failures = 0
-    show_bar = len(images) > 1
-    with _pillow_limit(), click.progressbar(images, label="heatmaps", file=sys.stderr, hidden=not show_bar) as bar:
-        for image in bar:
+    rows, failures, skipped = [], 0, 0
+    show_bar = len(found.images) > 1
+    clock = _Rate()
+    with _pillow_limit(), click.progressbar(length=len(found.images), label="heatmaps", file=sys.stderr, show_eta=True,
+                                            hidden=not show_bar, item_show_func=clock.show) as bar:
+        for outcome in outcomes:
+            rows.append(outcome.row)
+            clock.count(outcome.status)
+            bar.update(1, outcome)
             lead = "\n" if show_bar else ""
-            try:
-                if is_large(image, size, max_pixels, level, scale):
-                    if scales or flip:
-                        raise ConvifyError("--scales and --flip are for images in memory; a streamed image runs once")
-                    if "npy" in wanted:
-                        raise ConvifyError("npy is not written for a streamed image: its map is in IMAGE.zarr")
-                    big = large_heatmap(image, output, fcn, level=level, scale=scale, pad=pad, queries=queries,
-                                        top_k=top_k, all_classes=all_classes, max_memory=max_memory,
-                                        overlay_side=overlay_side, formats=wanted, force=force,
-                                        precision=precision)
-                    lines = [f"{printable(image)} ({big.image_size[0]}x{big.image_size[1]} px, map "
-                             f"{big.map_size[0]}x{big.map_size[1]}, "
-                             f"{big.passes} {'strips' if big.streamed else 'crops'}):"]
-                    for p in big.top[:top_k]:
-                        box = ", ".join(f"{v:.0f}" for v in p["box_in_image"])
-                        lines.append(f"  {printable(p['name'], 60):<24} {p['probability']:6.3f}  peak cell "
-                                     f"{tuple(p['cell'])}  box ({box})")
-                    lines.append("  wrote " + ", ".join(printable(w) for w in big.files))
-                    click.echo(lead + "\n".join(lines))
-                    continue
-                result = run_heatmap(image, fcn, size=size, max_pixels=max_pixels, max_memory=max_memory, pad=pad,
-                                     scales=scales, flip=flip, precision=precision)
-                written = result.save(output, queries=queries, k=top_k, formats=wanted, force=force, inputs=inputs)
-                lines = [f"{printable(image)} ({result.image.width}x{result.image.height} px, map "
-                         f"{result.logits.shape[1]}x{result.logits.shape[2]}):"]
-                shown = [result.prediction(q) for q in queries] or result.top(top_k)
-                for p in shown:
-                    box = ", ".join(f"{v:.0f}" for v in clip_box(p.box, result.image.size))
-                    lines.append(f"  {printable(p.name, 60):<24} {p.score:6.3f}  peak cell {p.cell}  box ({box})")
-                lines.append("  wrote " + ", ".join(printable(w) for w in written))
-            except Exception as e:  # one image's failure, whatever it is, must not stop the batch
+            if outcome.status == "failed":
                 failures += 1
-                if debug:
-                    click.echo(lead + traceback.format_exc().rstrip(), err=True)
-                click.echo(f"{lead}Error: {printable(image)}: {_error_line(e, 'heatmap')}", err=True)
-                continue
-            click.echo(lead + "\n".join(lines))
+                if debug and outcome.detail:
+                    click.echo(lead + outcome.detail.rstrip(), err=True)
+                hint = " (run with --debug for the traceback)" if outcome.message.startswith("unexpected ") and \
+                    not debug else ""
+                click.echo(f"{lead}Error: {printable(outcome.job.path)}: {printable(outcome.message, 1000)}{hint}",
+                           err=True)
+            elif outcome.status == "skipped":
+                skipped += 1
+                click.echo(f"{lead}{printable(outcome.job.path)}: skipped, its outputs exist (--force redoes it)")
+            else:
+                click.echo(lead + _outcome_lines(outcome, bool(queries)))
+    for path in table_paths:
+        write_table(rows, path, force=force)
+        click.echo(f"Wrote {printable(path)} ({len(rows)} rows: {len(rows) - failures - skipped} done, "
+                   f"{skipped} skipped, {failures} failed)")
     if failures:
-        raise click.ClickException(f"{failures} of {len(images)} images failed")
+        raise click.ClickException(f"{failures} of {len(found.images)} images failed")
+
+
+class _Rate:
+    """Throughput shown on the progress bar: images run (not skipped) per second since the first."""
+
+    def __init__(self) -> None:
+        self.started: Optional[float] = None
+        self.done = 0
+
+    def count(self, status: str) -> None:
+        import time
+
+        if status == "skipped":
+            return
+        if self.started is None:
+            self.started = time.perf_counter()
+        else:
+            self.done += 1
+
+    def show(self, _: Any) -> Optional[str]:
+        import time
+
+        if self.started is None or not self.done:
+            return None
+        elapsed = time.perf_counter() - self.started
+        return f"{self.done / elapsed:.1f} img/s" if elapsed > 0 else None
+
+
+def _table_paths(tables: tuple[str, ...]) -> list[Path]:
+    """The --table files (``none``: none); relative names as given."""
+    if any(t.strip().lower() == "none" for t in tables):
+        if len(tables) > 1:
+            raise click.UsageError("--table none cannot be given with a table file")
+        return []
+    paths = [Path(t) for t in tables]
+    for path in paths:
+        if path.suffix.lower() not in (".parquet", ".csv"):
+            raise click.UsageError(f"--table takes FILE.parquet, FILE.csv or none; got {printable(str(path), 80)!r}")
+    return paths
+
+
+def _outcome_lines(outcome: Any, asked: bool) -> str:
+    """An image's report: its size, map size, its best (or asked) classes' peaks, and the files written."""
+    row = outcome.row
+    how = f", {outcome.streamed}" if outcome.streamed else ""
+    lines = [f"{printable(outcome.job.path)} ({row['image_width']}x{row['image_height']} px, map "
+             f"{row['map_rows']}x{row['map_cols']}{how}):"]
+    prefix = "asked" if asked and row.get("asked_class") else "top"
+    for name, score, cell, box in zip(row[f"{prefix}_class"], row[f"{prefix}_probability"], row[f"{prefix}_cell"],
+                                      row[f"{prefix}_box"]):
+        shown = ", ".join(f"{v:.0f}" for v in box)
+        lines.append(f"  {printable(name, 60):<24} {score:6.3f}  peak cell {tuple(cell)}  box ({shown})")
+    lines.append("  wrote " + ", ".join(printable(w) for w in outcome.files))
+    return "\n".join(lines)
 
 
 @contextmanager

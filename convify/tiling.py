@@ -213,6 +213,14 @@ def _fits(fcn: FullyConvNet, height: int, width: int, budget: float) -> bool:
     return max(floor, per_pixel * height * width) <= budget
 
 
+def batch_fits(fcn: FullyConvNet, height: int, width: int, max_memory: int = limits.DEFAULT_MAX_MEMORY) -> int:
+    """How many ``height x width`` inputs one forward pass may hold within ``max_memory`` bytes (at least 1:
+    one input over the budget runs alone, in tiles). The per-pixel cost is measured once per network
+    (as for tiling); a batch of ``n`` costs ``n`` times one input's."""
+    floor, per_pixel = _cost(fcn)
+    return max(1, int(max_memory // max(floor, per_pixel * height * width)))
+
+
 # Streaming: the input pixels one strip aims at (measured fastest on 2 cores: 0.2 to 0.5 MP; fewer
 # pixels make more sweeps, more make layers that no longer stay in cache), and the fewest rows a strip
 # holds, in strides (each windowed layer recomputes a row or so next to each cut: few rows make that a

@@ -10,6 +10,7 @@ from convify.cli import cli
 import errno
 import io
 import os
+import shutil
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -188,10 +189,20 @@ def test_heatmap_classes_by_name_and_index_with_all_formats(runner, tmp_path):
     for name in ("cat_and_coffee.espresso.png", "cat_and_coffee.tabby.png", "cat_and_coffee.json",
                  "cat_and_coffee.logits.npy", "cat_and_coffee.boxes.npy"):
         assert (tmp_path / name).is_file(), name
-    again = runner.invoke(cli, args)  # never overwrites without --force
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = runner.invoke(cli, args)  # done already: skipped, nothing overwritten without --force
+    assert again.exit_code == 0
+    assert again.output.strip() == f"{SAMPLES / 'cat_and_coffee.jpg'}: skipped, its outputs exist (--force redoes it)"
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    (tmp_path / "cat_and_coffee.boxes.npy").unlink()  # a set in part (other options, or an interrupted run)
+    again = runner.invoke(cli, args)
     assert again.exit_code == 1
-    assert "already exists; use --force" in again.output
+    assert f"{tmp_path / 'cat_and_coffee.espresso.png'} exists but {tmp_path / 'cat_and_coffee.boxes.npy'} does " \
+           "not (an interrupted run, or other options); use --force to redo it" in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == {k: v for k, v in stamps.items()
+                                                                         if k != "cat_and_coffee.boxes.npy"}
     assert runner.invoke(cli, args + ["--force"]).exit_code == 0
+    assert (tmp_path / "cat_and_coffee.boxes.npy").is_file()
 
 
 def test_heatmap_unknown_class_lists_near_matches(runner, tmp_path):
@@ -206,8 +217,9 @@ def test_heatmap_skips_a_broken_image_and_fails_at_the_end(runner, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 this is not a jpeg")
     out = tmp_path / "out"
-    result = runner.invoke(cli, ["heatmap", str(SAMPLES / "chelsea.jpg"), str(broken), str(SAMPLES / "coffee.jpg"),
-                                 "-o", str(out)])
+    chelsea, coffee = (shutil.copy(SAMPLES / name, tmp_path / name) for name in ("chelsea.jpg", "coffee.jpg"))
+    result = runner.invoke(cli, ["heatmap", str(chelsea), str(broken), str(coffee), "-o", str(out),
+                                 "--table", "none"])
     assert result.exit_code == 1
     assert f"Error: {broken}: cannot read {broken} as an image" in result.output
     assert result.output.strip().splitlines()[-1] == "Error: 1 of 3 images failed"
@@ -316,8 +328,9 @@ def test_heatmap_batch_reports_each_bad_image_on_one_line_and_does_the_rest(runn
     assert wide.stat().st_size < 1000
     good = [tmp_path / "good.png", photo(tmp_path / "also_good.png", (50, 70))]
     out = tmp_path / "out"
-    bad = [missing, directory, broken, truncated, bomb, wide]
-    result = runner.invoke(cli, ["heatmap", *map(str, bad + good), "--model", str(tiny), "-o", str(out)])
+    bad = [missing, directory, broken, truncated, bomb, wide]  # a directory is searched (folder.png: empty)
+    result = runner.invoke(cli, ["heatmap", *map(str, bad + good), "--model", str(tiny), "-o", str(out),
+                                 "--table", "none"])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     formats = "not a PNG, JPEG, WebP, TIFF, BMP, GIF, PPM or ICO file, or a damaged one"
@@ -327,7 +340,6 @@ def test_heatmap_batch_reports_each_bad_image_on_one_line_and_does_the_rest(runn
     minimum = convify.load(tiny).geometry.min_input_size()
     assert errors(result) == [
         f"Error: {missing}: no such image: {missing}",
-        f"Error: {directory}: {directory} is a directory, not an image",
         f"Error: {broken}: cannot read {broken} as an image ({formats})",
         f"Error: {truncated}: cannot read {truncated} as an image "
         f"(image file is truncated ({cut} bytes not processed))",
@@ -335,7 +347,7 @@ def test_heatmap_batch_reports_each_bad_image_on_one_line_and_does_the_rest(runn
         "not decoding it (a decompression bomb?)",
         f"Error: {wide}: the image is 40000x4 px: scaled to fit the bounds on the network's input it is 16384x1 px, "
         f"and the network needs at least {minimum} px a side (its aspect ratio is too extreme: crop it)",
-        "Error: 6 of 8 images failed",
+        "Error: 5 of 7 images failed",
     ]
     assert sorted(os.listdir(out)) == ["also_good.heatmap.png", "also_good.json", "good.heatmap.png", "good.json"]
     assert Image.MAX_IMAGE_PIXELS != limits.MAX_IMAGE_PIXELS  # the command's own Pillow limit was undone
@@ -488,24 +500,25 @@ def test_out_of_memory_is_one_line_with_the_way_out(runner, tmp_path, tiny, monk
 
 
 def test_unexpected_errors_are_named_and_debug_shows_the_traceback(runner, tmp_path, tiny, monkeypatch):
-    import convify.engine
+    import convify.batch
     import convify.models
 
-    real = convify.engine.heatmap
+    real = convify.batch.make_result
 
-    def flaky(image, *args, **kwargs):
-        if str(image).endswith("first.png"):
+    def flaky(picture, logits, fcn, prepared, source, *args, **kwargs):
+        if str(source).endswith("first.png"):
             raise ValueError("boom\nsecond line")
-        return real(image, *args, **kwargs)
+        return real(picture, logits, fcn, prepared, source, *args, **kwargs)
 
-    monkeypatch.setattr(convify.engine, "heatmap", flaky)
+    monkeypatch.setattr(convify.batch, "make_result", flaky)
     images = [str(photo(tmp_path / "first.png")), str(photo(tmp_path / "second.png"))]
-    result = runner.invoke(cli, ["heatmap", *images, "--model", str(tiny), "-o", str(tmp_path / "out")])
+    result = runner.invoke(cli, ["heatmap", *images, "--model", str(tiny), "-o", str(tmp_path / "out"), "--workers", "0"])
     assert result.exit_code == 1
     assert errors(result) == [f"Error: {images[0]}: unexpected ValueError: boom (run with --debug for the traceback)",
                               "Error: 1 of 2 images failed"]
     assert (tmp_path / "out" / "second.json").is_file()
-    result = runner.invoke(cli, ["--debug", "heatmap", *images, "--model", str(tiny), "-o", str(tmp_path / "out2")])
+    result = runner.invoke(cli, ["--debug", "heatmap", *images, "--model", str(tiny), "-o", str(tmp_path / "out2"),
+                                 "--workers", "0"])
     assert "Traceback (most recent call last)" in result.output and "ValueError: boom" in result.output
     assert result.exit_code == 1
 

@@ -147,8 +147,12 @@ def test_the_command_line_streams_big_images_and_says_so(tmp_path: Path, small: 
     assert done.exit_code == 0, done.output
     assert "strips):" in done.output and "out/big.zarr" in done.output
     assert (tmp_path / "out" / "big.zarr").is_dir() and (tmp_path / "out" / "big.json").is_file()
+    again = runner.invoke(cli, args)  # done: skipped (its store and summary exist)
+    assert again.exit_code == 0 and again.output.strip() == f"{path}: skipped, its outputs exist (--force redoes it)"
+    (tmp_path / "out" / "big.json").unlink()  # the store without its summary: in part, not redone without --force
     again = runner.invoke(cli, args)
-    assert again.exit_code == 1 and "already exists; use --force" in again.output
+    assert again.exit_code == 1 and "big.zarr exists but" in again.output
+    assert runner.invoke(cli, args + ["--force"]).exit_code == 0 and (tmp_path / "out" / "big.json").is_file()
     npy = runner.invoke(cli, args + ["--force", "--format", "npy"])
     assert npy.exit_code == 1 and "npy is not written for a streamed image" in npy.output
 
