@@ -1,0 +1,182 @@
+"""The same run as :func:`convify.runner.run_images` on a Ray cluster, as a Ray Data pipeline (``convify[ray]``).
+
+    windows of paths -> read, resize, normalise (Ray tasks) -> map_batches(_RunWindow, ActorPoolStrategy)
+    -> each image's files written to the shared output directory -> one row per image -> results table
+
+- The driver lists the images, decides what is already done (exactly as a local run: :func:`convify.runner.sort_out`)
+  and cuts the rest into the same windows a local run uses (:mod:`convify.batch`);
+- each window is read and prepared by a Ray task (:func:`convify.batch.prepare_item`, a failing image becomes a
+  failure row, not an exception);
+- a pool of actors (``workers``, one GPU each where the cluster has GPUs) loads the converted network once each
+  (sent as convify's own file format, loaded with :func:`convify.load`: no pickled module), runs each window
+  with :func:`convify.batch.run_window` and writes each image's files with :func:`convify.runner.finish`,
+  all or nothing, into the output directory, which every node must see (a shared file system);
+- rows come back to the driver, which writes the table.
+
+Because windows are cut as a local run cuts them and each window's batches depend only on the window, the maps
+equal a local run's bit for bit on the same kind of machine (tested); the order rows arrive in may differ.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from .batch import RunSettings, _Spec, prepare_item, run_window
+from .errors import ConvifyError
+from .fcn import FullyConvNet, load
+from .runner import Job, Outcome, OutputSpec, finish
+
+__all__ = ["run_jobs", "jobs_backend", "connect"]
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ConvifyError("running on Ray needs Ray Data: pip install 'convify[ray]'") from None
+    return ray
+
+
+def connect(address: Optional[str] = "auto", num_cpus: Optional[int] = None) -> Any:
+    """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to, else a new local one);
+    nothing happens when Ray is already initialised in this process.
+
+    Raises:
+        ConvifyError: Ray is missing, or the address cannot be reached.
+    """
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    try:
+        if address in (None, "local"):
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        elif address == "auto":
+            try:
+                ray.init(address="auto", log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError):
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except Exception as e:
+        raise ConvifyError(f"cannot join the Ray cluster at {address!r} ({str(e).strip().splitlines()[0][:200]}); "
+                           "start one (ray start --head) or use --ray auto") from None
+    return ray
+
+
+def _network_bytes(fcn: FullyConvNet) -> bytes:
+    """The network as convify's own file (weights and geometry as data, no code), for the actors."""
+    with tempfile.TemporaryDirectory(prefix="convify-ray-") as directory:
+        path = Path(directory) / "network.fcn.pt"
+        fcn.save(path)
+        return path.read_bytes()
+
+
+class _PrepareWindow:
+    """Ray task body: one window of paths -> its images read and prepared (pickled: our own objects, made in
+    this pipeline, never read from a file)."""
+
+    def __init__(self, spec: _Spec, settings: RunSettings) -> None:
+        self.spec, self.settings = spec, settings
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        torch.set_num_threads(1)
+        items = [prepare_item(int(i), path, self.spec, self.settings)
+                 for i, path in zip(json.loads(row["indices"]), json.loads(row["paths"]))]
+        return {"window": row["window"], "jobs": row["jobs"], "items": pickle.dumps(items)}
+
+
+class _RunWindow:
+    """Ray actor: loads the network once, then runs windows and writes their files; returns one row per image."""
+
+    def __init__(self, network: bytes, out: OutputSpec, settings: RunSettings, device: Optional[str],
+                 threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        with tempfile.TemporaryDirectory(prefix="convify-ray-") as directory:
+            path = Path(directory) / "network.fcn.pt"
+            path.write_bytes(network)
+            self.fcn = load(path)
+        if device:
+            self.fcn = self.fcn.to(device)
+        self.out, self.settings = out, settings
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        outcomes = []
+        for jobs_text, items_bytes in zip(batch["jobs"], batch["items"]):
+            jobs = [Job(Path(path), Path(stem)) for path, stem in json.loads(jobs_text)]
+            results = run_window(self.fcn, pickle.loads(items_bytes), self.settings)
+            outcomes.extend(_outcome_text(finish(result, job, self.out)) for job, result in zip(jobs, results))
+        return {"outcome": outcomes}
+
+
+def _outcome_text(outcome: Outcome) -> str:
+    return json.dumps({"path": str(outcome.job.path), "stem": str(outcome.job.stem), "status": outcome.status,
+                       "row": outcome.row, "files": [str(f) for f in outcome.files], "message": outcome.message,
+                       "detail": outcome.detail})
+
+
+def _outcome(text: str) -> Outcome:
+    data = json.loads(text)
+    return Outcome(Job(Path(data["path"]), Path(data["stem"])), data["status"], data["row"],
+                   [Path(f) for f in data["files"]], data["message"], data["detail"])
+
+
+def run_jobs(jobs: Sequence[Job], fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *,
+             workers: Optional[int] = None, address: Optional[str] = "auto",
+             prepare_cpus: float = 0.5) -> Iterator[Outcome]:
+    """Run ``jobs`` on Ray and yield an :class:`~convify.runner.Outcome` per image as its window finishes.
+
+    Args:
+        jobs: the images to run (what is done already is decided before: :func:`convify.runner.sort_out`).
+        fcn: the network; sent to each actor once, as convify's own file.
+        out, settings: what each image writes, and how it runs (as a local run).
+        workers: actors running the network (default 1); each takes a GPU when the cluster has them.
+        address: the cluster (:func:`connect`); ignored when Ray is already initialised in this process.
+        prepare_cpus: CPUs a task reading a window of images reserves (less than one: reading and resizing
+            share the cores with the network, as a local run's worker processes do).
+
+    Raises:
+        ConvifyError: Ray is missing or the cluster cannot be reached (before any image runs).
+    """
+    if not jobs:
+        return
+    ray = connect(address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # convify's own bar counts images
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    workers = workers or 1
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers else 0
+    # The actors reserve what the reading tasks leave of the cluster's CPUs (fractions allowed): reserving every
+    # CPU would leave the tasks none, and the pipeline would wait forever.
+    share = max(0.1, (ray.cluster_resources().get("CPU", 1) - prepare_cpus) / workers)
+    threads = max(1, round(share))
+    size = settings.window_size
+    windows = [{"window": k, "paths": json.dumps([str(job.path) for job in jobs[start:start + size]]),
+                "indices": json.dumps(list(range(start, min(start + size, len(jobs))))),
+                "jobs": json.dumps([[str(job.path), str(job.stem)] for job in jobs[start:start + size]])}
+               for k, start in enumerate(range(0, len(jobs), size))]
+    network = _network_bytes(fcn)  # Ray keeps a large argument in its object store, once
+    dataset = ray.data.from_items(windows, override_num_blocks=len(windows))
+    prepared = dataset.map(_PrepareWindow(_Spec(fcn), settings), num_cpus=prepare_cpus)
+    done = prepared.map_batches(
+        _RunWindow, batch_size=1, batch_format="numpy",
+        fn_constructor_args=(network, out, settings, "cuda" if gpus else None, threads),
+        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus, num_cpus=0 if gpus else share)
+    for row in done.iter_rows():
+        yield _outcome(row["outcome"])
+
+
+def jobs_backend(fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *, address: Optional[str] = "auto",
+                 workers: Optional[int] = None) -> Callable[[list[Job]], Iterator[Outcome]]:
+    """A backend for :func:`convify.runner.run_images`: its batched jobs run on Ray (:func:`run_jobs`)."""
+    _ray()  # missing Ray is said before any image is looked at
+    return lambda jobs: run_jobs(jobs, fcn, out, settings, workers=workers, address=address)
