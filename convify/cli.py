@@ -8,6 +8,7 @@ so a file cannot forge report lines or send terminal escapes.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -409,6 +410,8 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], manifests: tuple[str, .
                 click.echo(f"{lead}{printable(outcome.job.path)}: skipped, its outputs exist (--force redoes it)")
             else:
                 click.echo(lead + _outcome_lines(outcome, bool(queries)))
+    order = {os.fspath(path): i for i, path in enumerate(found.images)}
+    rows.sort(key=lambda row: order.get(row["path"], len(order)))  # input order, however the images finished
     for path in table_paths:
         write_table(rows, path, force=force)
         click.echo(f"Wrote {printable(path)} ({len(rows)} rows: {len(rows) - failures - skipped} done, "
