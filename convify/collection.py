@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -109,8 +110,8 @@ def find_images(arguments: Sequence[Union[str, os.PathLike]], manifests: Sequenc
             searched.append(path)
             found.extend(_walk(path, wanted, skip))
         elif not path.exists() and _GLOB_CHARS & set(text):
-            matches = sorted(glob.glob(text, recursive=True))
             prefix = _static_prefix(text)
+            matches = _recursive_glob(text, prefix) if "**" in text else sorted(glob.glob(text))
             inner = skip if skip is not None and _identity(prefix) != skip else None  # as a walk skips it
             kept = [Path(m) for m in matches if Path(m).is_file() and Path(m).suffix.lower() in wanted
                     and not _inside(Path(m), inner)]
@@ -131,6 +132,55 @@ def find_images(arguments: Sequence[Union[str, os.PathLike]], manifests: Sequenc
             seen.add(key)
             unique.append(path)
     return Found(unique, roots, searched, frozenset(wanted), None if exclude is None else Path(exclude))
+
+
+def _recursive_glob(pattern: str, prefix: Path) -> list[str]:
+    """Files matching a ``**`` glob, found by a walk of its static prefix that follows no symlinked directory
+    (``glob.glob(recursive=True)`` does: a link to ``.`` repeats every file forty times, two make it run for ever).
+    ``**`` matches any number of directories, ``*`` and ``?`` stay inside one name, hidden names are skipped."""
+    rest = Path(pattern).parts[len(prefix.parts):]
+    regex = re.compile(_glob_regex(rest))
+    matches = []
+    for directory, subdirectories, files in os.walk(prefix, followlinks=False):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            relative = os.path.relpath(os.path.join(directory, name), prefix)
+            if regex.fullmatch(relative.replace(os.sep, "/")):
+                matches.append(os.path.join(directory, name))
+                if len(matches) > MAX_IMAGES:
+                    raise ConvifyError(f"{pattern!r} matches more than {MAX_IMAGES:,} files; split the run")
+    return sorted(matches)  # as sorted(glob.glob(...)) orders the other patterns
+
+
+def _glob_regex(parts: Sequence[str]) -> str:
+    """A regex for ``/``-joined relative paths from glob parts: ``**`` any directories (none included), ``*``
+    any characters but ``/``, ``?`` one of them, ``[...]`` a set (``[!...]`` its complement)."""
+    pieces = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            pieces.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        out, k = [], 0
+        while k < len(part):
+            char = part[k]
+            end = part.find("]", k + 2) if char == "[" else -1
+            if char == "*":
+                out.append("[^/]*")
+            elif char == "?":
+                out.append("[^/]")
+            elif end != -1:
+                body = part[k + 1:end]
+                negate = body.startswith("!")
+                out.append("[" + ("^/" if negate else "") + re.escape(body[1:] if negate else body) + "]")
+                k = end
+            else:
+                out.append(re.escape(char))
+            k += 1
+        pieces.append("".join(out) + ("" if last else "/"))
+    return "".join(pieces)
 
 
 def _static_prefix(pattern: str) -> Path:
@@ -210,7 +260,7 @@ def read_manifest(manifest: Union[str, os.PathLike]) -> list[Path]:
     except UnicodeDecodeError as e:
         raise ConvifyError(f"manifest {path} is not UTF-8 text (byte {e.start}); write one path a line") from None
     paths = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):  # \n, \r\n or \r: as an editor counts
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -232,12 +282,13 @@ def output_stems(images: Sequence[Path], roots: Sequence[Path] = ()) -> list[Pat
     """
     if not images:
         return []
-    parents = [os.path.abspath(p.parent) for p in images] + [os.path.abspath(r) for r in roots]
+    absolute = [Path(os.path.abspath(p)) for p in images]  # normalised: "sub/.." is "." (a directory, which fails)
+    parents = [str(a.parent) for a in absolute] + [os.path.abspath(r) for r in roots]
     try:
         common = os.path.commonpath(parents)
     except ValueError:  # different drives
         raise ConvifyError("the images lie on different drives; run each drive's images separately") from None
-    return [Path(os.path.relpath(os.path.abspath(p.parent), common)) / p.stem for p in images]
+    return [Path(os.path.relpath(a.parent, common)) / (a.stem or "image") for a in absolute]
 
 
 def colliding(stems: Sequence[Path]) -> dict[int, int]:
@@ -256,8 +307,17 @@ def colliding(stems: Sequence[Path]) -> dict[int, int]:
 
 def output_state(files: Sequence[Path]) -> str:
     """``"complete"`` (every file exists), ``"partial"`` or ``"missing"``."""
-    present = [f.exists() for f in files]
+    present = [_exists(f) for f in files]
     return "complete" if all(present) else "partial" if any(present) else "missing"
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False where the name cannot exist (too long: Python 3.11 raises ENAMETOOLONG): the
+    image then runs and its write fails with one line."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +423,10 @@ def _int(value: Any) -> int:
 def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer of 400 digits
+        raise ValueError(value) from None
 
 
 def _str(value: Any) -> str:
@@ -389,9 +452,20 @@ def write_table(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], f
     if path.exists() and not force and not _is_our_table(path, kind):
         raise OutputExistsError(f"{path} already exists and is not a convify results table; use --force to "
                                 "overwrite it")
+    rows = [{key: _text(value) for key, value in row.items()} for row in rows]
     data = _parquet(rows) if kind == ".parquet" else _csv(rows)
     write_files([(path, lambda f: f.write(data))])
     return path
+
+
+def _text(value: Any) -> Any:
+    """Strings made valid UTF-8: a lone surrogate (a file name that is not UTF-8, a ``\\udcff`` in a JSON) is
+    written as its escape, ``\\udcff``, instead of stopping the table at the end of the run."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    return value
 
 
 _TABLE_MARK = b"convify.results"
@@ -429,7 +503,7 @@ _CSV_HEADER = [name for name, _, _ in TABLE_COLUMNS]
 
 def _csv(rows: Sequence[dict[str, Any]]) -> bytes:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\r\n")  # RFC 4180: a CR or LF inside a cell is quoted
     writer.writerow(_CSV_HEADER)
     for row in rows:
         writer.writerow([_csv_cell(row[name]) for name in _CSV_HEADER])
@@ -459,7 +533,7 @@ def _is_our_table(path: Path, kind: str) -> bool:
     try:
         if kind == ".csv":
             with open(path, encoding="utf-8", errors="replace") as f:
-                return next(csv.reader([f.readline()]), []) == _CSV_HEADER
+                return next(csv.reader([f.readline(1 << 16)]), []) == _CSV_HEADER
         import pyarrow.parquet as pq
 
         return _TABLE_MARK in (pq.read_schema(path).metadata or {})
