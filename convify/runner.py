@@ -114,37 +114,41 @@ def sort_out(jobs: Sequence[Job], out: OutputSpec, classes: Sequence[str], is_la
     inputs = InputIndex([job.path for job in jobs] + list(out.inputs))
     batched, streamed, settled = [], [], []
     for job in jobs:
-        try:
-            large = is_large(job.path)
-        except Exception as e:  # an unreadable header: the image's own failure
-            settled.append(_failed(job, e))
-            continue
-        directory = out.directory / job.stem.parent
-        files = ([directory / f"{job.stem.name}.zarr"] + ([directory / f"{job.stem.name}.json"]
-                                                           if "json" in out.formats else [])
-                 if large else out.files(job, classes))
-        try:
-            inputs.check(files)
-            found = next((f for f in files if would_find(f)), None)
-            if found is not None:
-                raise OutputError(f"its output {found} would be taken for an image by this run's arguments (a later "
-                                  "run would read it); write elsewhere (-o), or narrow --ext")
-        except OutputError as e:
-            settled.append(_failed(job, e))
-            continue
-        state = output_state(files)
-        if state == "complete" and not out.force:
-            summary = directory / f"{job.stem.name}.json" if "json" in out.formats else None
-            settled.append(Outcome(job, "skipped", skipped_row(job.path, job.stem, summary, out.top_k), files))
-        elif state == "partial" and not out.force:
-            present = next(f for f in files if f.exists())
-            absent = next(f for f in files if not f.exists())
-            message = (f"{present} exists but {absent} does not (an interrupted run, or other options); "
-                       "use --force to redo it")
-            settled.append(Outcome(job, "failed", failure_row(job.path, job.stem, message), message=message))
+        try:  # whatever goes wrong with one image (its header, its names) is its own failure
+            kind, outcome = _sort_one(job, out, classes, is_large, would_find, inputs)
+        except Exception as e:
+            kind, outcome = "settled", _failed(job, e)
+        if outcome is not None:
+            settled.append(outcome)
         else:
-            (streamed if large else batched).append(job)
+            (streamed if kind == "stream" else batched).append(job)
     return batched, streamed, settled
+
+
+def _sort_one(job: Job, out: OutputSpec, classes: Sequence[str], is_large: Callable[[Path], bool],
+              would_find: Callable[[Path], bool], inputs: InputIndex) -> tuple[str, Optional[Outcome]]:
+    """``("stream" | "batch", None)`` for a job to run, ``("settled", Outcome)`` for one decided now (sort_out)."""
+    large = is_large(job.path)
+    directory = out.directory / job.stem.parent
+    files = ([directory / f"{job.stem.name}.zarr"] + ([directory / f"{job.stem.name}.json"]
+                                                       if "json" in out.formats else [])
+             if large else out.files(job, classes))
+    inputs.check(files)
+    found = next((f for f in files if would_find(f)), None)
+    if found is not None:
+        raise OutputError(f"its output {found} would be taken for an image by this run's arguments (a later "
+                          "run would read it); write elsewhere (-o), or narrow --ext")
+    state = output_state(files)
+    if state == "complete" and not out.force:
+        summary = directory / f"{job.stem.name}.json" if "json" in out.formats else None
+        return "settled", Outcome(job, "skipped", skipped_row(job.path, job.stem, summary, out.top_k), files)
+    if state == "partial" and not out.force:
+        present = [f for f in files if output_state([f]) == "complete"]
+        absent = [f for f in files if f not in present]
+        message = (f"{present[0]} exists but {absent[0]} does not (an interrupted run, or other options); "
+                   "use --force to redo it")
+        return "settled", Outcome(job, "failed", failure_row(job.path, job.stem, message), message=message)
+    return ("stream" if large else "batch"), None
 
 
 def run_images(images: Union[Found, Sequence[Path]], fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *,
