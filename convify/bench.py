@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,7 +37,7 @@ from torch import nn
 from .devices import DeviceLike, autocast, check_finite, check_precision, on_device, resolve_device
 from .fcn import FullyConvNet, main_map
 
-__all__ = ["BenchRow", "bench", "format_rows"]
+__all__ = ["BenchRow", "bench", "format_rows", "ThroughputRow", "throughput", "format_throughput", "generated_images"]
 
 
 @dataclass
@@ -213,3 +214,88 @@ def format_rows(rows: Sequence[BenchRow]) -> list[str]:
             f"{'' if r.agreement is None else f'{100 * r.agreement:.1f}%':>10} "
             f"{'' if r.max_diff is None else f'{r.max_diff:.2g}':>9}".rstrip())
     return lines
+
+
+@dataclass
+class ThroughputRow:
+    """Images per second over a folder: ``pipeline`` (:func:`convify.batch.heatmaps`: read, resize, run, place
+    the cells) and ``written`` (the same, each result's JSON summary written), beside ``bare``: the network
+    alone on the very batches the pipeline runs, already prepared (the limit the pipeline can reach)."""
+
+    model: str
+    images: int
+    batch_size: int
+    workers: int
+    bare: float  # seconds
+    pipeline: float
+    written: float
+
+    @property
+    def ratio(self) -> float:
+        """The pipeline's images/s over the bare batched forward's (target: at least 0.9)."""
+        return self.bare / self.pipeline
+
+
+@torch.inference_mode()
+def throughput(name: str, fcn: FullyConvNet, images: Sequence[object], batch_sizes: Sequence[int] = (1, 8),
+               workers: Optional[int] = None, size: object = "auto", repeat: int = 3) -> list[ThroughputRow]:
+    """Measure :func:`convify.batch.heatmaps` over ``images`` (paths) against the bare batched forward of the
+    same prepared inputs in the same batches, side by side, for each batch size (best of ``repeat`` each)."""
+    import tempfile
+
+    from .batch import RunSettings, _Spec, default_workers, heatmaps, plan_groups, prepare_item
+    from .tiling import batch_fits
+
+    workers = default_workers() if workers is None else workers
+    rows = []
+    for batch_size in batch_sizes:
+        settings = RunSettings(size=size, batch_size=batch_size)
+        items = [prepare_item(i, image, _Spec(fcn), settings) for i, image in enumerate(images)]
+        ready = [item for item in items if hasattr(item, "prepared")]
+        passes = []
+        for start in range(0, len(ready), settings.window_size):  # the windows and batches heatmaps() runs
+            window = ready[start:start + settings.window_size]
+            groups = plan_groups([tuple(item.prepared.x.shape[2:]) for item in window], batch_size,
+                                 lambda shape: batch_fits(fcn, shape[0], shape[1]))
+            passes.extend(torch.cat([window[p].prepared.x for p in group]) for group in groups)
+        fcn(passes[0])  # warm up
+        bare = _best(lambda: [fcn(x) for x in passes], repeat)
+        pipeline = _best(lambda: list(heatmaps(images, fcn, batch_size=batch_size, workers=workers, size=size)),
+                         repeat)
+        with tempfile.TemporaryDirectory(prefix="convify-bench-") as directory:
+            def write() -> None:
+                for result in heatmaps(images, fcn, batch_size=batch_size, workers=workers, size=size):
+                    result.save(directory, stem=Path(result.source).stem, formats=("json",), force=True)
+
+            written = _best(write, repeat)
+        rows.append(ThroughputRow(name, len(ready), batch_size, workers, bare, pipeline, written))
+    return rows
+
+
+def format_throughput(rows: Sequence[ThroughputRow]) -> list[str]:
+    """The throughput table ``convify bench --images/--folder`` prints."""
+    lines = [f"{'model':<14} {'images':>6} {'batch':>5} {'workers':>7} {'bare img/s':>10} {'heatmaps() img/s':>16} "
+             f"{'ratio':>6} {'+ JSON img/s':>12} {'ratio':>6}"]
+    for r in rows:
+        lines.append(f"{r.model[:14]:<14} {r.images:>6} {r.batch_size:>5} {r.workers:>7} {r.images / r.bare:>10.1f} "
+                     f"{r.images / r.pipeline:>16.1f} {r.ratio:>5.2f}x {r.images / r.written:>12.1f} "
+                     f"{r.bare / r.written:>5.2f}x")
+    return lines
+
+
+def generated_images(directory: Path, count: int, width: int = 640, height: int = 480) -> list[Path]:
+    """``count`` JPEG photos-like images (smooth colour fields with detail, as compressible as photos) in ``directory``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "RGB").resize((width, height),
+                                                                                                Image.BICUBIC)
+        detail = rng.normal(0, 12, (height, width, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float64) + detail, 0, 255).astype(np.uint8)
+        path = directory / f"generated_{i:04d}.jpg"
+        Image.fromarray(pixels, "RGB").save(path, quality=90)
+        paths.append(path)
+    return paths

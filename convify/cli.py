@@ -504,9 +504,19 @@ def _pillow_limit() -> Iterator[None]:
               "agreement per cell. Repeatable.")
 @click.option("--compiled", is_flag=True, help="Also time torch.compile (inductor, frozen weights) against eager, "
               "with the compile time.")
+@click.option("--images", "image_count", type=click.IntRange(min=1, max=100_000),
+              help="Throughput instead: generate this many 640x480 JPEG photos and time convify heatmaps over them "
+              "against the bare batched forward of the same batches.")
+@click.option("--folder", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Throughput over the images in this directory instead of generated ones.")
+@click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1, max=4096), multiple=True,
+              help="Throughput: images per forward pass. Repeatable (default: 1 and 8).")
+@click.option("--workers", type=click.IntRange(min=0, max=1024), help="Throughput: worker processes that read "
+              "images (default: half the cores).")
 @_DEVICE
 def bench(models: tuple[str, ...], sizes: tuple[int, ...], strides: tuple[int, ...], repeat: int, batch: int,
-          threads: Optional[int], precisions: tuple[str, ...], compiled: bool, device: Optional[str]) -> None:
+          threads: Optional[int], precisions: tuple[str, ...], compiled: bool, image_count: Optional[int],
+          folder: Optional[Path], batch_sizes: tuple[int, ...], workers: Optional[int], device: Optional[str]) -> None:
     """Time the dense pass against the crop loop a user would write, side by side in one run.
 
     MODELS are architecture names (random weights: speed does not depend on them) or converted files. Prints,
@@ -515,35 +525,73 @@ def bench(models: tuple[str, ...], sizes: tuple[int, ...], strides: tuple[int, .
     network against stitching its map from shifted coarse passes; with --precision, the dense pass in that
     precision against float32 (and how many cells keep their top-1 class); with --compiled, torch.compile.
 
+    With --images N or --folder DIR it measures throughput instead: images per second of convify heatmaps
+    (read, resize, run, place the cells; then with each JSON summary written) against the bare batched forward
+    of the same prepared images in the same batches (target: at least 0.9x), per --batch-size.
+
     Example:
 
         convify bench vgg16 resnet50 --size 384 --size 512 --stride 16 --precision bf16
+
+        convify bench efficientnet_lite0 --images 64 --batch-size 1 --batch-size 8
     """
     import platform
 
     import torch
 
     from .bench import bench as measure, format_rows
-    from .convert import convert
-    from .fcn import is_convify_file, load
-    from .models import build_architecture
 
     if threads:
         torch.set_num_threads(threads)
     click.echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
                f"{_cpu_name()}, best of {repeat}")
+    if image_count is not None or folder is not None:
+        _bench_throughput(models, image_count, folder, batch_sizes or (1, 8), workers, repeat)
+        return
     header = True
     for name in models:
-        if Path(name).is_file() and is_convify_file(name):
-            fcn, original = load(name), None
-        else:
-            original, model_info = build_architecture(name)
-            fcn = convert(original, model_info.input_size, check=False)
+        fcn, original = _bench_network(name)
         lines = format_rows(measure(printable(name, 40), fcn, original, sizes, strides, repeat, batch, precisions,
                                     compiled, device))
         for line in lines[0 if header else 1:]:
             click.echo(line)
         header = False
+
+
+def _bench_network(name: str) -> tuple[Any, Any]:
+    """``(network, original)`` for a bench MODEL: a converted file (no original), ``default`` (the default model,
+    real weights, no original), or an architecture with random weights (speed does not depend on them)."""
+    from .convert import convert
+    from .fcn import is_convify_file, load
+    from .models import build_architecture, default_network
+
+    if Path(name).is_file() and is_convify_file(name):
+        return load(name), None
+    if name == "default":
+        return default_network(), None
+    original, model_info = build_architecture(name)
+    return convert(original, model_info.input_size, check=False), original
+
+
+def _bench_throughput(models: tuple[str, ...], count: Optional[int], folder: Optional[Path],
+                      batch_sizes: tuple[int, ...], workers: Optional[int], repeat: int) -> None:
+    """``convify bench --images/--folder``: the throughput table, images generated in a temporary directory."""
+    import tempfile
+
+    from .bench import format_throughput, generated_images, throughput
+    from .collection import find_images
+
+    with tempfile.TemporaryDirectory(prefix="convify-bench-") as directory:
+        images = find_images([folder]).images if folder is not None else generated_images(Path(directory), count)
+        if not images:
+            raise ConvifyError(f"no images in {folder}")
+        header = True
+        for name in models:
+            fcn, _ = _bench_network(name)
+            lines = format_throughput(throughput(printable(name, 40), fcn, images, batch_sizes, workers, repeat=repeat))
+            for line in lines[0 if header else 1:]:
+                click.echo(line)
+            header = False
 
 
 def _cpu_name() -> str:
