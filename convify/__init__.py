@@ -4,6 +4,7 @@
 >>> fcn(torch.randn(1, 3, 384, 384)).shape
 torch.Size([1, 1000, 6, 6])
 """
+from .batch import Failure, heatmaps
 from .convert import convert
 from .engine import HeatmapResult, Prediction, heatmap, load_image
 from .errors import (ConversionError, ConvifyError, ImageError, LimitError, MapStoreError, ModelLoadError,
@@ -12,6 +13,6 @@ from .fcn import FullyConvNet, ModelMeta, load
 from .geometry import Geometry
 from .large import large_heatmap
 
-__all__ = ["convert", "load", "heatmap", "HeatmapResult", "Prediction", "load_image", "FullyConvNet", "Geometry", "ModelMeta", "ConvifyError", "ConversionError",
+__all__ = ["convert", "load", "heatmap", "heatmaps", "Failure", "HeatmapResult", "Prediction", "load_image", "FullyConvNet", "Geometry", "ModelMeta", "ConvifyError", "ConversionError",
            "ModelLoadError", "OutputExistsError", "ImageError", "LimitError", "OutputError", "MapStoreError", "large_heatmap"]
 __version__ = "0.1.0"

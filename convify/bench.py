@@ -259,16 +259,19 @@ def throughput(name: str, fcn: FullyConvNet, images: Sequence[object], batch_siz
                                  lambda shape: batch_fits(fcn, shape[0], shape[1]))
             passes.extend(torch.cat([window[p].prepared.x for p in group]) for group in groups)
         fcn(passes[0])  # warm up
-        bare = _best(lambda: [fcn(x) for x in passes], repeat)
-        pipeline = _best(lambda: list(heatmaps(images, fcn, batch_size=batch_size, workers=workers, size=size)),
-                         repeat)
         with tempfile.TemporaryDirectory(prefix="convify-bench-") as directory:
             def write() -> None:
                 for result in heatmaps(images, fcn, batch_size=batch_size, workers=workers, size=size):
                     result.save(directory, stem=Path(result.source).stem, formats=("json",), force=True)
 
-            written = _best(write, repeat)
-        rows.append(ThroughputRow(name, len(ready), batch_size, workers, bare, pipeline, written))
+            def pipeline() -> None:
+                list(heatmaps(images, fcn, batch_size=batch_size, workers=workers, size=size))
+
+            # interleaved, best of each: a slow spell of the machine does not favour one of them
+            times = [[_best(run, 1) for run in (lambda: [fcn(x) for x in passes], pipeline, write)]
+                     for _ in range(max(1, repeat))]
+        bare, pipeline_seconds, written = (min(column) for column in zip(*times))
+        rows.append(ThroughputRow(name, len(ready), batch_size, workers, bare, pipeline_seconds, written))
     return rows
 
 
