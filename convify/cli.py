@@ -8,7 +8,6 @@ so a file cannot forge report lines or send terminal escapes.
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -349,7 +348,8 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], manifests: tuple[str, .
     from .devices import check_precision, on_device, resolve_device
     from .large import is_large
     from .models import network_for
-    from .runner import OutputSpec, run_images, streamer
+    from .outputs import check_not_inputs
+    from .runner import OutputSpec, in_input_order, run_images, streamer
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     unknown = sorted(set(wanted) - {"png", "json", "npy"})
@@ -364,6 +364,7 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], manifests: tuple[str, .
                            + " (see --ext)")
     if not tables and len(found.images) > 1:
         table_paths = [output / "results.parquet"]
+    check_not_inputs(table_paths, [model, weights, *manifests, *found.images])  # --force or not
     fcn = network_for(model, weights, trust_pickle=trust_pickle)
     if stride is not None:
         from .finer import finer_stride
@@ -410,8 +411,7 @@ def heatmap(ctx: click.Context, images: tuple[str, ...], manifests: tuple[str, .
                 click.echo(f"{lead}{printable(outcome.job.path)}: skipped, its outputs exist (--force redoes it)")
             else:
                 click.echo(lead + _outcome_lines(outcome, bool(queries)))
-    order = {os.fspath(path): i for i, path in enumerate(found.images)}
-    rows.sort(key=lambda row: order.get(row["path"], len(order)))  # input order, however the images finished
+    rows = in_input_order(rows, found.images)
     for path in table_paths:
         write_table(rows, path, force=force)
         click.echo(f"Wrote {printable(path)} ({len(rows)} rows: {len(rows) - failures - skipped} done, "

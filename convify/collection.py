@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from .errors import ConvifyError, OutputExistsError
-from .outputs import write_files
+from .outputs import ensure_directory, write_files
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGES", "Found", "find_images", "output_stems", "output_state", "summary_row",
            "failure_row", "write_table", "TABLE_COLUMNS"]
@@ -454,6 +454,7 @@ def write_table(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], f
                                 "overwrite it")
     rows = [{key: _text(value) for key, value in row.items()} for row in rows]
     data = _parquet(rows) if kind == ".parquet" else _csv(rows)
+    ensure_directory(path.parent)
     write_files([(path, lambda f: f.write(data))])
     return path
 

@@ -836,16 +836,25 @@ def _is_out_of_memory(error: RuntimeError) -> bool:
 
 
 def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB PIL image -> ``(1, 3, H, W)`` float32, ``(x / 255 - mean) / std``, in channels-last memory layout.
+    """RGB PIL image -> ``(1, 3, H, W)`` float32, ``(x / 255 - mean) / std``, in channels-last memory layout
+    (:func:`normalise_pixels`)."""
+    return normalise_pixels(np.asarray(image, dtype=np.uint8), mean, std)
+
+
+def normalise_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> ``(1, 3, H, W)`` float32 ``(x / 255 - mean) / std`` (computed as one
+    multiply-add per value, ``x * (1 / (255 std)) - mean / std``), in channels-last memory layout: the ``(H, W, 3)``
+    result viewed as ``(1, 3, H, W)``, no copy.
 
     The layout carries through the network: measured on 2 CPU cores (streamed, 1200-2000 px), channels-last
     runs ResNet-50 1.14x, VGG16 1.2x and EfficientNet-Lite0 1.37x faster than the default layout, with the
     same results up to float rounding.
     """
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return ((array - mean_t) / std_t)[None].contiguous(memory_format=torch.channels_last)
+    std64 = np.asarray(std, dtype=np.float64)
+    scale = torch.from_numpy((1.0 / (255.0 * std64)).astype(np.float32))
+    shift = torch.from_numpy((-np.asarray(mean, dtype=np.float64) / std64).astype(np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32).mul_(scale).add_(shift)  # (H, W, 3)
+    return x.permute(2, 0, 1)[None]
 
 
 _EXTENTS: dict[int, tuple[Any, dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]]] = {}  # by id(geometry)

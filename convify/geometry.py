@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
@@ -104,14 +105,14 @@ class Geometry:
         x0, y0, x1, y1 = self.cell_box(i, j, size)
         return ((x0 + x1) / 2, (y0 + y1) / 2)
 
-    @property
+    @cached_property  # read at every cell box: the layers are scanned once (a frozen dataclass's __dict__ holds it)
     def size_dependent(self) -> bool:
         """Whether where cells lie depends on the input's size: a layer pads by a rule of the size it meets
         (TensorFlow's "SAME" padding, ``"same_pad"`` layers). Then :meth:`cell_box` and :meth:`rf_box` need
         the input's size, and :attr:`offset` and :attr:`rf_offset` are those of the native size."""
         return any(layer["op"] == "same_pad" for layer in self.layers)
 
-    @property
+    @cached_property
     def upsamples(self) -> bool:
         """Whether the network upsamples inside (``"upsample"`` layers: HRNet's fused branches). It then runs only
         at input sizes where the fused branches agree in size (the native size plus whole strides always do)."""

@@ -24,7 +24,7 @@ import torch
 
 from . import limits
 from .devices import DeviceLike, autocast, check_finite, check_precision, resolve_device
-from .engine import ModelLike, PAD_MODES, _as_network, _png, _slug, clip_box, padding, resolve_class
+from .engine import ModelLike, PAD_MODES, _as_network, _png, _slug, clip_box, normalise_pixels, padding, resolve_class
 from .errors import ConvifyError, OutputExistsError
 from .fcn import FullyConvNet, main_map
 from .outputs import check_not_inputs, write_files
@@ -69,15 +69,12 @@ def _reader(fcn: FullyConvNet, source: Any, pads: Sequence[int], mode: str, ahea
     if ahead:
         source = read_ahead(source)
 
-    mean = torch.tensor(fcn.meta.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(fcn.meta.std, dtype=torch.float32)[:, None, None]
     param = next(iter(fcn.parameters()), None)
     left, top, right, bottom = pads
     view = padded(source, left, top, right, bottom, mode="reflect") if mode == "reflect" else source
 
     def normalised(pixels: np.ndarray) -> torch.Tensor:
-        x = (torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255) - mean) / std
-        x = x[None].contiguous(memory_format=torch.channels_last)  # faster: see engine._normalise
+        x = normalise_pixels(pixels, fcn.meta.mean, fcn.meta.std)  # as engine's: the same values
         return x if param is None else x.to(device=param.device, dtype=param.dtype)
 
     def read(x0: int, y0: int, x1: int, y1: int) -> torch.Tensor:

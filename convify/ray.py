@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -30,7 +31,7 @@ from .errors import ConvifyError
 from .fcn import FullyConvNet, load
 from .runner import Job, Outcome, OutputSpec, finish
 
-__all__ = ["run_jobs", "jobs_backend", "connect"]
+__all__ = ["run", "run_jobs", "jobs_backend", "connect"]
 
 
 def _ray() -> Any:
@@ -180,3 +181,44 @@ def jobs_backend(fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *, a
     """A backend for :func:`convify.runner.run_images`: its batched jobs run on Ray (:func:`run_jobs`)."""
     _ray()  # missing Ray is said before any image is looked at
     return lambda jobs: run_jobs(jobs, fcn, out, settings, workers=workers, address=address)
+
+
+def run(images: Any, model: Any = None, output: Any = ".", *, workers: int = 1, address: Optional[str] = "auto",
+        batch_size: Optional[int] = None, size: Any = "auto", pad: Optional[str] = "reflect",
+        queries: Sequence[Any] = (), top_k: int = 3, formats: Sequence[str] = ("png", "json"), force: bool = False,
+        table: Optional[Any] = "results.parquet") -> list[dict[str, Any]]:
+    """Heatmaps for many images on Ray: each image's files under ``output`` (mirroring the input tree), one row
+    per image returned (in input order) and written to ``output/table`` (None: not written).
+
+    Args:
+        images: paths, a directory, or a Ray dataset with a ``path`` column (its paths are read on the driver:
+            which images are done, and the windows, are decided there).
+        model: a :class:`~convify.fcn.FullyConvNet`, a converted file, or None (the default model).
+        workers, address: as for :func:`run_jobs`; the rest as for ``convify heatmap``.
+
+    Example::
+
+        >>> rows = convify.ray.run("/shared/photos", output="/shared/maps", workers=4)
+    """
+    from .batch import default_batch_size
+    from .collection import find_images, write_table
+    from .engine import _as_network
+    from .runner import in_input_order, run_images
+
+    ray = connect(address)
+    if isinstance(images, ray.data.Dataset):
+        images = [row["path"] for row in images.select_columns(["path"]).iter_rows()]
+    elif isinstance(images, (str, os.PathLike)):
+        images = [images]
+    fcn = _as_network(model)
+    out_dir = Path(output)
+    found = find_images(list(images), exclude=out_dir)
+    settings = RunSettings(size=size, pad=pad, batch_size=batch_size or default_batch_size(fcn))
+    out = OutputSpec(out_dir, tuple(queries), min(top_k, len(fcn.classes or []) or top_k), tuple(formats), force)
+    backend = jobs_backend(fcn, out, settings, address=address, workers=workers)
+    rows = in_input_order([outcome.row for outcome in run_images(found, fcn, out, settings, backend=backend)],
+                          found.images)
+    if table is not None:
+        write_table(rows, out_dir / table, force=force)
+    return rows
+

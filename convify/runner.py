@@ -29,7 +29,7 @@ from .errors import ConvifyError, OutputError
 from .fcn import FullyConvNet
 from .outputs import InputIndex
 
-__all__ = ["Job", "Outcome", "OutputSpec", "run_images", "finish", "plan_jobs", "sort_out"]
+__all__ = ["Job", "Outcome", "OutputSpec", "run_images", "finish", "plan_jobs", "sort_out", "in_input_order"]
 
 
 @dataclass(frozen=True)
@@ -222,3 +222,10 @@ def streamer(fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *, level
                        streamed=f"{big.passes} {'strips' if big.streamed else 'crops'}")
 
     return stream
+
+
+def in_input_order(rows: list[dict[str, Any]], images: Sequence[Path]) -> list[dict[str, Any]]:
+    """The table's rows in the order the images were given or found, however they finished."""
+    order = {os.fspath(path): i for i, path in enumerate(images)}
+    return sorted(rows, key=lambda row: order.get(row["path"], len(order)))
+

@@ -76,3 +76,23 @@ def test_the_bench_command(tmp_path: Path) -> None:
     assert small.exit_code == 1 and "smaller than the network's" in small.output and "Traceback" not in small.output
     unknown = runner.invoke(cli, ["bench", "no_such_architecture_xyz"])
     assert unknown.exit_code == 1 and "Traceback" not in unknown.output
+
+
+def test_throughput_times_the_pipeline_against_the_same_batches_bare(tmp_path: Path) -> None:
+    """convify bench --folder: one row per batch size, the bare forward run on the batches heatmaps() runs."""
+    from convify.bench import generated_images, throughput
+    from test_cli import tiny_network
+
+    fcn = tiny_network()
+    (tmp_path / "in").mkdir()
+    images = generated_images(tmp_path / "in", 5, 96, 64)
+    rows = throughput("tiny", fcn, images, batch_sizes=(1, 2), workers=0, repeat=1)
+    assert [(r.batch_size, r.images, r.workers) for r in rows] == [(1, 5, 0), (2, 5, 0)]
+    assert all(r.bare > 0 and r.pipeline > 0 and r.written > 0 for r in rows)
+    model = fcn.save(tmp_path / "tiny.fcn.pt")
+    result = CliRunner().invoke(cli, ["bench", str(model), "--folder", str(tmp_path / "in"), "--batch-size", "2",
+                                      "--workers", "0", "--repeat", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split()[:6] == ["model", "images", "batch", "workers", "bare", "img/s"]
+    assert lines[2].split()[1:4] == ["5", "2", "0"] and lines[2].split()[6].endswith("x")

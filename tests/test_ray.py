@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import convify
+import convify.ray
 from convify.cli import cli
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'convify[ray]')")
@@ -123,3 +124,14 @@ def test_without_ray_the_option_says_what_to_install(model, collection, tmp_path
     assert result.exit_code == 1
     assert result.output.strip() == "Error: running on Ray needs Ray Data: pip install 'convify[ray]'"
     assert not list(tmp_path.iterdir())
+
+
+def test_the_python_api_takes_a_ray_dataset_of_paths(local_ray, model, collection, tmp_path):
+    paths = sorted(str(p) for p in (collection / "two").glob("*.png"))
+    dataset = ray.data.from_items([{"path": p} for p in paths])
+    rows = convify.ray.run(dataset, model, tmp_path, workers=1, batch_size=4, formats=("json",))
+    assert [row["path"] for row in rows] == paths  # input order
+    assert [row["status"] for row in rows] == ["failed"] + ["done"] * 15  # broken.png sorts first
+    table = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert table == rows
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [Path(p).stem + ".json" for p in paths[1:]]
