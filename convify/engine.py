@@ -853,7 +853,10 @@ def normalise_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[fl
     std64 = np.asarray(std, dtype=np.float64)
     scale = torch.from_numpy((1.0 / (255.0 * std64)).astype(np.float32))
     shift = torch.from_numpy((-np.asarray(mean, dtype=np.float64) / std64).astype(np.float32))
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32).mul_(scale).add_(shift)  # (H, W, 3)
+    pixels = np.ascontiguousarray(pixels)
+    with warnings.catch_warnings():  # a PIL image's array is read-only; it is only read (converted to a copy)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(pixels).to(torch.float32).mul_(scale).add_(shift)  # (H, W, 3)
     return x.permute(2, 0, 1)[None]
 
 

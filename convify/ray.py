@@ -43,6 +43,10 @@ def _ray() -> Any:
     return ray
 
 
+# Ray's own notes (a local instance started, token authentication) are not convify's output: errors only.
+_QUIET = {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
 def connect(address: Optional[str] = "auto", num_cpus: Optional[int] = None) -> Any:
     """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to, else a new local one);
     nothing happens when Ray is already initialised in this process.
@@ -55,14 +59,14 @@ def connect(address: Optional[str] = "auto", num_cpus: Optional[int] = None) -> 
         return ray
     try:
         if address in (None, "local"):
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **_QUIET)
         elif address == "auto":
             try:
-                ray.init(address="auto", log_to_driver=False)
+                ray.init(address="auto", **_QUIET)
             except (ConnectionError, RuntimeError, ValueError):
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=num_cpus, include_dashboard=False, **_QUIET)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, **_QUIET)
     except Exception as e:
         raise ConvifyError(f"cannot join the Ray cluster at {address!r} ({str(e).strip().splitlines()[0][:200]}); "
                            "start one (ray start --head) or use --ray auto") from None
@@ -96,11 +100,13 @@ class _PrepareWindow:
 class _RunWindow:
     """Ray actor: loads the network once, then runs windows and writes their files; returns one row per image."""
 
-    def __init__(self, network: bytes, out: OutputSpec, settings: RunSettings, device: Optional[str],
+    def __init__(self, network: list, out: OutputSpec, settings: RunSettings, device: Optional[str],
                  threads: int) -> None:
+        import ray
         import torch
 
         torch.set_num_threads(max(1, threads))
+        network = ray.get(network[0])  # the file's bytes, put in the object store once by the driver
         with tempfile.TemporaryDirectory(prefix="convify-ray-") as directory:
             path = Path(directory) / "network.fcn.pt"
             path.write_bytes(network)
@@ -150,10 +156,10 @@ def run_jobs(jobs: Sequence[Job], fcn: FullyConvNet, out: OutputSpec, settings: 
     if not jobs:
         return
     ray = connect(address)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notes are not convify's output
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # convify's own bar counts images
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     workers = workers or 1
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers else 0
     # The actors reserve what the reading tasks leave of the cluster's CPUs (fractions allowed): reserving every
@@ -165,7 +171,7 @@ def run_jobs(jobs: Sequence[Job], fcn: FullyConvNet, out: OutputSpec, settings: 
                 "indices": json.dumps(list(range(start, min(start + size, len(jobs))))),
                 "jobs": json.dumps([[str(job.path), str(job.stem)] for job in jobs[start:start + size]])}
                for k, start in enumerate(range(0, len(jobs), size))]
-    network = _network_bytes(fcn)  # Ray keeps a large argument in its object store, once
+    network = [ray.put(_network_bytes(fcn))]  # a reference (in a list: Ray passes it on unresolved), fetched by each actor
     dataset = ray.data.from_items(windows, override_num_blocks=len(windows))
     prepared = dataset.map(_PrepareWindow(_Spec(fcn), settings), num_cpus=prepare_cpus)
     done = prepared.map_batches(
