@@ -189,6 +189,17 @@ def jobs_backend(fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *, a
     return lambda jobs: run_jobs(jobs, fcn, out, settings, workers=workers, address=address)
 
 
+def _paths_in_order(ray: Any, dataset: Any) -> list[str]:
+    """A dataset's ``path`` column in the dataset's own order (Ray yields rows as blocks finish unless told)."""
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        return [str(row["path"]) for row in dataset.select_columns(["path"]).iter_rows()]
+    finally:
+        options.preserve_order = before
+
+
 def run(images: Any, model: Any = None, output: Any = ".", *, workers: int = 1, address: Optional[str] = "auto",
         batch_size: Optional[int] = None, size: Any = "auto", pad: Optional[str] = "reflect",
         queries: Sequence[Any] = (), top_k: int = 3, formats: Sequence[str] = ("png", "json"), force: bool = False,
@@ -213,7 +224,7 @@ def run(images: Any, model: Any = None, output: Any = ".", *, workers: int = 1, 
 
     ray = connect(address)
     if isinstance(images, ray.data.Dataset):
-        images = [row["path"] for row in images.select_columns(["path"]).iter_rows()]
+        images = _paths_in_order(ray, images)
     elif isinstance(images, (str, os.PathLike)):
         images = [images]
     fcn = _as_network(model)

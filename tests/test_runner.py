@@ -179,3 +179,18 @@ def test_globs_manifests_and_extensions(tiny, tmp_path):
     result = run("--manifest", bad, "--model", tiny, "-o", tmp_path / "x")
     assert result.exit_code == 1 and result.output.strip() == f"Error: manifest {bad} is not UTF-8 text (byte 7); " \
                                                               "write one path a line"
+
+
+def test_the_table_is_never_written_over_an_input_and_an_empty_folder_is_one_line(tiny, tmp_path):
+    photo(tmp_path / "in" / "x.png")
+    manifest = tmp_path / "list.csv"  # a manifest that happens to end in .csv
+    manifest.write_text("in/x.png\n")
+    before = manifest.read_bytes()
+    result = run("--manifest", manifest, "--model", tiny, "-o", tmp_path / "out", "--table", manifest, "--force")
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {manifest} is an input of this run ({manifest}); refusing to overwrite "
+                                     "it even with --force: choose another output")
+    assert manifest.read_bytes() == before and not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    result = run(tmp_path / "empty", "--model", tiny)
+    assert result.exit_code == 1 and result.output.strip() == f"Error: no images found in {tmp_path / 'empty'} (see --ext)"
