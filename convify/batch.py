@@ -161,21 +161,25 @@ def run_window(fcn: FullyConvNet, items: Sequence[Union[Ready, Failure]],
                          lambda shape: batch_fits(fcn, shape[0], shape[1], settings.max_memory))
     for group in groups:
         ready = [items[p] for p in group]
-        try:
-            logits = run_network(fcn, torch.cat([item.prepared.x for item in ready]), settings.max_memory,
-                                 settings.precision, shown=(ready[0].prepared.width, ready[0].prepared.height))
-        except ConvifyError:
-            if len(ready) == 1:
-                logits = None
-            else:  # run each alone: only the images that fail alone fail
-                for position, item in zip(group, ready):
-                    out[position] = _guarded(item, lambda item=item: _single(fcn, item, settings))
-                continue
+        together = _run_together(fcn, ready, settings) if len(ready) > 1 else None
         for k, (position, item) in enumerate(zip(group, ready)):
-            out[position] = _guarded(item, lambda k=k, item=item: _single(fcn, item, settings) if logits is None
-                                     else make_result(item.picture, logits[k], fcn, item.prepared, item.source,
-                                                      settings.precision))
+            out[position] = together[k] if together is not None else \
+                _guarded(item, lambda item=item: _single(fcn, item, settings))
     return out  # type: ignore[return-value]
+
+
+def _run_together(fcn: FullyConvNet, ready: Sequence[Ready],
+                  settings: RunSettings) -> Optional[list[Union[HeatmapResult, Failure]]]:
+    """Same-size images in one pass: their results (each its own failure if its result cannot be made), or None
+    when the pass itself fails (out of memory, a non-finite score): then each image runs alone."""
+    try:
+        logits = run_network(fcn, torch.cat([item.prepared.x for item in ready]), settings.max_memory,
+                             settings.precision, shown=(ready[0].prepared.width, ready[0].prepared.height))
+    except ConvifyError:
+        return None
+    return [_guarded(item, lambda k=k, item=item: make_result(item.picture, logits[k], fcn, item.prepared,
+                                                              item.source, settings.precision))
+            for k, item in enumerate(ready)]
 
 
 def _single(fcn: FullyConvNet, item: Ready, settings: RunSettings) -> HeatmapResult:

@@ -11,7 +11,8 @@
   (sent as convify's own file format, loaded with :func:`convify.load`: no pickled module), runs each window
   with :func:`convify.batch.run_window` and writes each image's files with :func:`convify.runner.finish`,
   all or nothing, into the output directory, which every node must see (a shared file system);
-- rows come back to the driver, which writes the table.
+- rows come back to the driver, which writes the table. (Images too large for memory, streamed region by region
+  by :mod:`convify.large`, run on the driver, one at a time.)
 
 Because windows are cut as a local run cuts them and each window's batches depend only on the window, the maps
 equal a local run's bit for bit on the same kind of machine (tested); the order rows arrive in may differ.

@@ -201,7 +201,6 @@ def run_images(images: Union[Found, Sequence[Path]], fcn: FullyConvNet, out: Out
             yield _failed(job, e)
 
 
-
 def streamer(fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *, level: Optional[int] = None,
              scale: Optional[float] = None, overlay_side: int = 4096,
              all_classes: bool = False) -> Callable[[Job], Outcome]:
