@@ -272,8 +272,9 @@ def heatmaps(images: Iterable[ImageLike], model: ModelLike = None, *, batch_size
                            batch_size or default_batch_size(fcn), window)
     images = list(images)
     workers = default_workers() if workers is None else workers
+    workers = min(workers, max(0, len(images) - 1))  # one image: read here, no process started for it
     loader = torch.utils.data.DataLoader(_Prepared(images, _Spec(fcn), settings), batch_size=None,
-                                         num_workers=min(workers, len(images)), collate_fn=_as_is,
+                                         num_workers=workers, collate_fn=_as_is,
                                          worker_init_fn=_one_thread if workers else None)
     window_items: list[Union[Ready, Failure]] = []
     for item in loader:
