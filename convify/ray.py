@@ -191,14 +191,11 @@ def jobs_backend(fcn: FullyConvNet, out: OutputSpec, settings: RunSettings, *, a
 
 
 def _paths_in_order(ray: Any, dataset: Any) -> list[str]:
-    """A dataset's ``path`` column in the dataset's own order (Ray yields rows as blocks finish unless told)."""
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    try:
-        return [str(row["path"]) for row in dataset.select_columns(["path"]).iter_rows()]
-    finally:
-        options.preserve_order = before
+    """A dataset's ``path`` column in the dataset's own order (Ray yields rows as blocks finish unless told; a
+    dataset keeps a copy of the context it was made in, so it is told through its own)."""
+    paths = dataset.select_columns(["path"])
+    paths.context.execution_options.preserve_order = True
+    return [str(row["path"]) for row in paths.iter_rows()]
 
 
 def run(images: Any, model: Any = None, output: Any = ".", *, workers: int = 1, address: Optional[str] = "auto",
