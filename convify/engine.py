@@ -860,28 +860,6 @@ def normalise_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[fl
     return x.permute(2, 0, 1)[None]
 
 
-_EXTENTS: dict[int, tuple[Any, dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]]] = {}  # by id(geometry)
-
-
-def _extents(geometry: Any, size: tuple[int, int], rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W', 2)`` x0, x1 of each column's window and ``(H', 2)`` y0, y1 of each row's, in the network's input
-    pixels, for an input of ``size`` ``(H, W)``: asked of the geometry once per size (a walk over its layers per
-    row and column costs about 0.1 s for EfficientNet's 14x21 map), then kept (64 sizes per geometry)."""
-    entry = _EXTENTS.get(id(geometry))
-    if entry is None or entry[0]() is not geometry:  # (a geometry is a dict-holding dataclass: not hashable)
-        entry = _EXTENTS[id(geometry)] = (weakref.ref(geometry), {})
-        weakref.finalize(geometry, _EXTENTS.pop, id(geometry), None)
-    known = entry[1]
-    key = (*size, rows, cols)
-    if key not in known:
-        if len(known) >= 64:
-            known.pop(next(iter(known)))
-        xs = torch.tensor([geometry.cell_box(0, j, size)[0::2] for j in range(cols)], dtype=torch.float64)
-        ys = torch.tensor([geometry.cell_box(i, 0, size)[1::2] for i in range(rows)], dtype=torch.float64)
-        known[key] = (xs.reshape(cols, 2), ys.reshape(rows, 2))
-    return known[key]
-
-
 def _cell_boxes(geometry: Any, map_size: Sequence[int], original: tuple[int, int],
                 resized: tuple[int, int], pad: Sequence[int] = (0, 0, 0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H', W', 4)`` boxes and ``(H', W', 2)`` centres in original pixels (continuous coordinates).
@@ -897,7 +875,8 @@ def _cell_boxes(geometry: Any, map_size: Sequence[int], original: tuple[int, int
     sx, sy = original[0] / resized[0], original[1] / resized[1]
     pad = tuple(pad) + (0,) * (4 - len(pad))
     size = (resized[1] + pad[1] + pad[3], resized[0] + pad[0] + pad[2])
-    xs, ys = _extents(geometry, size, rows, cols)
+    xs = torch.tensor([geometry.cell_box(0, j, size)[0::2] for j in range(cols)], dtype=torch.float64).reshape(cols, 2)
+    ys = torch.tensor([geometry.cell_box(i, 0, size)[1::2] for i in range(rows)], dtype=torch.float64).reshape(rows, 2)
     xs, ys = (xs - pad[0]) * sx, (ys - pad[1]) * sy  # (W', 2) x0, x1 and (H', 2) y0, y1 in original pixels
     boxes = torch.stack([xs[None, :, 0].expand(rows, cols), ys[:, None, 0].expand(rows, cols),
                          xs[None, :, 1].expand(rows, cols), ys[:, None, 1].expand(rows, cols)], dim=-1)

@@ -74,12 +74,6 @@ class Geometry:
     padded: bool = False
     layers: tuple[dict, ...] = field(default=(), repr=False)
 
-    def __post_init__(self) -> None:
-        # _walk's answers, by (length, axis): the geometry is frozen, so they never change; cover_padding and a
-        # map's boxes ask for the same lengths many times (about 170 walks of EfficientNet's 200 layers for one
-        # 448 px image before this). Not a field: not saved, not compared.
-        object.__setattr__(self, "_walks", {})
-
     # -- cells -----------------------------------------------------------------------------------
 
     def cell_box(self, i: int, j: int, size: Optional[tuple[int, int]] = None) -> tuple[int, int, int, int]:
@@ -267,7 +261,11 @@ class Geometry:
 
     def _walk(self, n: int, axis: int) -> tuple[int, int]:
         """The output's length along ``axis`` for an input ``n`` px long (0 if too small), and where the first
-        cell's receptive field starts (the layers' padding before, in input pixels). Remembered (4096 answers)."""
+        cell's receptive field starts (the layers' padding before, in input pixels).
+
+        Remembered (4096 answers) in the instance's ``__dict__``, not a field (not saved, not compared): the
+        geometry is frozen, so the answers never change, and cover_padding and a map's cell boxes ask for the same
+        lengths many times (about 170 walks of EfficientNet's 200 layers for one 448 px image otherwise)."""
         walks = self.__dict__.setdefault("_walks", {})
         key = (n, axis)
         if key not in walks:
