@@ -33,10 +33,11 @@ from PIL import Image
 
 from . import limits
 from .devices import DeviceLike, check_precision, resolve_device
-from .engine import (ImageLike, ModelLike, PAD_MODES, HeatmapResult, Prepared, _as_network, _fused, _one_line,
+from .engine import (ImageLike, ModelLike, PAD_MODES, HeatmapResult, Prepared, _as_network, _fused,
                      load_image, make_result, prepare, run_network)
 from .errors import ConvifyError
 from .fcn import FullyConvNet
+from .text import one_line
 from .tiling import batch_fits
 
 __all__ = ["heatmaps", "Failure", "Ready", "RunSettings", "prepare_item", "plan_groups", "run_window",
@@ -109,10 +110,10 @@ def prepare_item(index: int, image: ImageLike, spec: Any, settings: RunSettings)
 
 def failure_line(error: BaseException) -> str:
     if isinstance(error, ConvifyError):
-        return _one_line(error, 1000)
+        return one_line(error, 1000)
     if isinstance(error, MemoryError):
         return "out of memory (lower --size or --max-pixels)"
-    return f"unexpected {type(error).__name__}: {_one_line(error)}"
+    return f"unexpected {type(error).__name__}: {one_line(error)}"
 
 
 def plan_groups(shapes: Sequence[Optional[tuple[int, ...]]], batch_size: int,

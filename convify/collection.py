@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from .errors import ConvifyError, OutputExistsError
 from .outputs import ensure_directory, write_files
+from .text import one_line
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGES", "Found", "find_images", "output_stems", "output_state", "summary_row",
            "failure_row", "write_table", "TABLE_COLUMNS"]
@@ -399,13 +400,9 @@ def skipped_row(path: Union[str, Path], stem: Union[str, Path, None], summary_fi
         return summary_row(path, stem, "skipped", json.loads(data), k)
     except (OSError, ValueError, RecursionError, ConvifyError) as e:
         row = _empty_row(path, stem, "skipped")
-        row["error"] = f"its outputs exist but its summary {summary_file.name} cannot be read ({_reason(e)})"
+        reason = one_line(getattr(e, "strerror", None) or e)  # an OSError's reason without its path
+        row["error"] = f"its outputs exist but its summary {summary_file.name} cannot be read ({reason})"
         return row
-
-
-def _reason(error: BaseException) -> str:
-    text = str(getattr(error, "strerror", None) or error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
 
 
 def _empty_row(path: Union[str, Path], stem: Union[str, Path, None], status: str) -> dict[str, Any]:

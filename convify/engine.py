@@ -50,6 +50,7 @@ from .errors import ConvifyError, ImageError, LimitError, OutputExistsError
 from .fcn import FullyConvNet, load, main_map
 from .outputs import check_not_inputs, ensure_directory, write_files
 from .tiling import tiled_map
+from .text import one_line
 
 __all__ = ["heatmap", "HeatmapResult", "Prediction", "load_image", "resolve_class", "IMAGE_FORMATS"]
 
@@ -119,7 +120,7 @@ def _open_file(path: Path) -> BinaryIO:
     except IsADirectoryError:
         raise ImageError(f"{path} is a directory, not an image") from None
     except (OSError, ValueError) as e:  # a name too long, a NUL in it, a loop of links, ...
-        raise ImageError(f"cannot open {path} ({_one_line(e)})") from None
+        raise ImageError(f"cannot open {path} ({one_line(e)})") from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -148,7 +149,7 @@ def _open(handle: BinaryIO, path: Path) -> Image.Image:
     except MemoryError:
         raise ImageError(f"cannot read {path}: out of memory reading its header") from None
     except Exception as e:  # OSError, SyntaxError, struct.error, EOFError, zlib.error, ValueError, ...
-        raise ImageError(f"cannot read {path} as an image ({_one_line(e)})") from None
+        raise ImageError(f"cannot read {path} as an image ({one_line(e)})") from None
 
 
 def _decode(image: Image.Image, name: str) -> Image.Image:
@@ -161,7 +162,7 @@ def _decode(image: Image.Image, name: str) -> Image.Image:
     except MemoryError:
         raise ImageError(f"cannot read {name}: out of memory decoding {image.width}x{image.height} px") from None
     except Exception as e:  # a decoder's complaint about a stranger's bytes: any type, one line
-        raise ImageError(f"cannot read {name} as an image ({_one_line(e)})") from None
+        raise ImageError(f"cannot read {name} as an image ({one_line(e)})") from None
     try:
         image = ImageOps.exif_transpose(image)
     except MemoryError:
@@ -173,7 +174,7 @@ def _decode(image: Image.Image, name: str) -> Image.Image:
     except MemoryError:
         raise ImageError(f"cannot read {name}: out of memory converting it to RGB") from None
     except Exception as e:
-        raise ImageError(f"cannot read {name} as an image ({_one_line(e)})") from None
+        raise ImageError(f"cannot read {name} as an image ({one_line(e)})") from None
 
 
 def _check_declared_size(name: str, width: int, height: int) -> None:
@@ -189,13 +190,6 @@ def _format_list() -> str:
     names = {"JPEG": "JPEG", "WEBP": "WebP"}
     shown = [names.get(f, f) for f in IMAGE_FORMATS]
     return ", ".join(shown[:-1]) + " or " + shown[-1]
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    """An exception as one short line: its first line, or its type when it has no message."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

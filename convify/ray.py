@@ -31,6 +31,7 @@ from .batch import RunSettings, _Spec, prepare_item, run_window
 from .errors import ConvifyError
 from .fcn import FullyConvNet, load
 from .runner import Job, Outcome, OutputSpec, finish
+from .text import one_line
 
 __all__ = ["run", "run_jobs", "jobs_backend", "connect"]
 
@@ -69,7 +70,7 @@ def connect(address: Optional[str] = "auto", num_cpus: Optional[int] = None) -> 
         else:
             ray.init(address=address, **_QUIET)
     except Exception as e:
-        raise ConvifyError(f"cannot join the Ray cluster at {address!r} ({str(e).strip().splitlines()[0][:200]}); "
+        raise ConvifyError(f"cannot join the Ray cluster at {address!r} ({one_line(e)}); "
                            "start one (ray start --head) or use --ray auto") from None
     return ray
 

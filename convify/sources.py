@@ -41,6 +41,7 @@ from PIL import Image
 
 from . import limits
 from .errors import ConvifyError, ImageError, LimitError
+from .text import one_line
 
 __all__ = ["RegionSource", "ArraySource", "TiffSource", "SlideSource", "open_source", "padded", "thumbnail",
            "read_ahead",
@@ -137,7 +138,7 @@ def _is_tiff(path: Path) -> bool:
     try:
         return handle.read(4) in _TIFF_MAGIC
     except OSError as e:
-        raise ImageError(f"cannot read {path} ({_one_line(e)})") from None
+        raise ImageError(f"cannot read {path} ({one_line(e)})") from None
     finally:
         handle.close()
 
@@ -245,7 +246,7 @@ class TiffSource(_Closing):
             import zarr  # noqa: F401 - tifffile.aszarr needs it
         except ImportError as e:
             raise ImageError(f"{self._name} is a TIFF; reading it region by region needs tifffile and zarr "
-                             f"({_one_line(e)}): {_TIFF_HINT}") from None
+                             f"({one_line(e)}): {_TIFF_HINT}") from None
         tiff = self._tiff = tifffile.TiffFile(self._handle, name=Path(self._name).name)
         if not tiff.series:
             raise ImageError(f"{self._name} holds no image")
@@ -286,7 +287,7 @@ class TiffSource(_Closing):
         except MemoryError:
             raise ImageError(f"cannot {what} {self._name}: out of memory") from None
         except Exception as e:
-            raise ImageError(f"cannot {what} {self._name} as a TIFF ({_one_line(e)})") from None
+            raise ImageError(f"cannot {what} {self._name} as a TIFF ({one_line(e)})") from None
 
     def _coarser(self, width: int, height: int) -> RegionSource:
         """The coarsest level of this file still at least ``width x height`` in this level's frame (for
@@ -501,7 +502,7 @@ class SlideSource(_Closing):
             raise
         except Exception as e:  # OpenSlideUnsupportedFormatError, OpenSlideError, OSError, ...
             self.close()
-            raise ImageError(f"cannot read {path} as a whole-slide image ({_one_line(e)})") from None
+            raise ImageError(f"cannot read {path} as a whole-slide image ({one_line(e)})") from None
         if not dims:
             self.close()
             raise ImageError(f"{path} holds no image")
@@ -533,7 +534,7 @@ class SlideSource(_Closing):
         except MemoryError:
             raise ImageError(f"cannot read {self._name}: out of memory") from None
         except Exception as e:
-            raise ImageError(f"cannot read {self._name} as a whole-slide image ({_one_line(e)})") from None
+            raise ImageError(f"cannot read {self._name} as a whole-slide image ({one_line(e)})") from None
         alpha = rgba[:, :, 3:].astype(np.uint16)
         return ((rgba[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
@@ -767,8 +768,3 @@ def _check_rect(source: Any, x0: int, y0: int, x1: int, y1: int) -> None:
                          f"{source.width}x{source.height} image")
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    """An exception as one short line: its first line, or its type when it has no message."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["printable"]
+__all__ = ["printable", "one_line"]
 
 # Control characters (C0, DEL, C1), format characters (bidi overrides, zero-width), line and paragraph
 # separators, and lone surrogates (undecodable bytes of a file name).
@@ -39,3 +39,11 @@ def printable(value: object, limit: int = 300) -> str:
             break
     shown = "".join(out)
     return shown if len(shown) <= limit else shown[: max(0, limit - 3)] + "..."
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: its first line, or its type when it has no message (not escaped: print
+    it with :func:`printable`)."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
