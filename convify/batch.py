@@ -35,9 +35,8 @@ from . import limits
 from .devices import DeviceLike, check_precision, resolve_device
 from .engine import (ImageLike, ModelLike, PAD_MODES, HeatmapResult, Prepared, _as_network, _fused,
                      load_image, make_result, prepare, run_network)
-from .errors import ConvifyError
+from .errors import ConvifyError, failure_line
 from .fcn import FullyConvNet
-from .text import one_line
 from .tiling import batch_fits
 
 __all__ = ["heatmaps", "Failure", "Ready", "RunSettings", "prepare_item", "plan_groups", "run_window",
@@ -106,14 +105,6 @@ def prepare_item(index: int, image: ImageLike, spec: Any, settings: RunSettings)
         return Ready(index, source, picture, prepared)
     except Exception as e:
         return Failure(index, source or f"image {index}", failure_line(e), traceback.format_exc())
-
-
-def failure_line(error: BaseException) -> str:
-    if isinstance(error, ConvifyError):
-        return one_line(error, 1000)
-    if isinstance(error, MemoryError):
-        return "out of memory (lower --size or --max-pixels)"
-    return f"unexpected {type(error).__name__}: {one_line(error)}"
 
 
 def plan_groups(shapes: Sequence[Optional[tuple[int, ...]]], batch_size: int,

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 import click
 
 from . import limits
-from .errors import ConvifyError, OutputExistsError
+from .errors import ConvifyError, OutputExistsError, failure_line
 from .text import printable
 
 _DEBUG_HELP = "Show the full traceback of an error instead of its one-line message."
@@ -38,16 +38,11 @@ class _Group(click.Group):
 
 
 def _error_line(error: BaseException, command: Optional[str] = None) -> str:
-    """The one line printed after ``Error: `` for an exception."""
-    if isinstance(error, ConvifyError):
-        return printable(str(error), limit=1000)
-    if isinstance(error, MemoryError):
-        hint = "lower --size or --max-pixels" if command == "heatmap" else "the model is too large for this machine"
-        return f"out of memory ({hint})"
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    detail = f": {printable(line, limit=200)}" if line else ""
-    return f"unexpected {type(error).__name__}{detail} (run with --debug for the traceback)"
+    """The one line printed after ``Error: `` for an exception (:func:`convify.errors.failure_line`, escaped)."""
+    if isinstance(error, MemoryError) and command != "heatmap":
+        return "out of memory (the model is too large for this machine)"
+    line = printable(failure_line(error), limit=1000)
+    return line if isinstance(error, (ConvifyError, MemoryError)) else f"{line} (run with --debug for the traceback)"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-from .batch import Failure, RunSettings, failure_line as _line, heatmaps
+from .batch import Failure, RunSettings, heatmaps
 from .collection import Found, colliding, failure_row, output_state, output_stems, skipped_row, summary_row
 from .engine import HeatmapResult, output_files, resolve_class
-from .errors import ConvifyError, OutputError
+from .errors import ConvifyError, OutputError, failure_line as _line
 from .fcn import FullyConvNet
 from .outputs import InputIndex
 

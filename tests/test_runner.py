@@ -194,3 +194,16 @@ def test_the_table_is_never_written_over_an_input_and_an_empty_folder_is_one_lin
     (tmp_path / "empty").mkdir()
     result = run(tmp_path / "empty", "--model", tiny)
     assert result.exit_code == 1 and result.output.strip() == f"Error: no images found in {tmp_path / 'empty'} (see --ext)"
+
+
+def test_a_failure_message_keeps_a_name_with_a_newline_whole_and_escaped(tiny, tmp_path):
+    """A stranger's file name with a newline in it: the reason is not cut at the newline, and nothing is forged."""
+    missing = tmp_path / "gone\nError: forged.png"
+    photo(tmp_path / "real.png")
+    result = run(missing, tmp_path / "real.png", "--model", tiny, "-o", tmp_path / "out", "--table",
+                 tmp_path / "t.parquet")
+    shown = str(missing).replace("\n", "\\n")
+    assert f"Error: {shown}: no such image: {shown}" in result.output.splitlines()
+    assert not any(line.startswith("Error: forged") for line in result.output.splitlines())
+    rows = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    assert rows[0]["error"] == f"no such image: {missing}"  # the data keeps the name as it is
