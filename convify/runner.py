@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -170,9 +170,8 @@ def run_images(images: Union[Found, Sequence[Path]], fcn: FullyConvNet, out: Out
     found = images if isinstance(images, Found) else None
     images = found.images if found is not None else list(images)
     classes = fcn.classes or []
-    for query in out.queries:
-        if classes:
-            resolve_class(classes, query)
+    if classes and out.queries:  # names resolved once (refused before any image), not once per image's file names
+        out = replace(out, queries=tuple(dict.fromkeys(resolve_class(classes, q) for q in out.queries)))
     if found is not None and any(os.path.abspath(r) == os.path.abspath(out.directory) for r in found.searched) \
             and ".png" in found.extensions and "png" in out.formats:
         raise ConvifyError(f"the output directory {out.directory} is searched for images by this run: a later run "
