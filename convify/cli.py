@@ -499,11 +499,13 @@ def _pillow_limit() -> Iterator[None]:
               "agreement per cell. Repeatable.")
 @click.option("--compiled", is_flag=True, help="Also time torch.compile (inductor, frozen weights) against eager, "
               "with the compile time.")
-@click.option("--images", "image_count", type=click.IntRange(min=1, max=100_000),
-              help="Throughput instead: generate this many 640x480 JPEG photos and time convify heatmaps over them "
-              "against the bare batched forward of the same batches.")
+@click.option("--images", "image_count", type=click.IntRange(min=1, max=limits.MAX_BENCH_IMAGES),
+              help="Throughput instead: generate this many 640x480 JPEG photos (at most "
+              f"{limits.MAX_BENCH_IMAGES}) and time convify heatmaps over them against the bare batched forward of "
+              "the same batches.")
 @click.option("--folder", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Throughput over the images in this directory instead of generated ones.")
+              help="Throughput over the images in this directory instead of generated ones (the first "
+              f"{limits.MAX_BENCH_IMAGES} found: each is held prepared in memory).")
 @click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1, max=4096), multiple=True,
               help="Throughput: images per forward pass. Repeatable (default: 1 and 8).")
 @click.option("--workers", type=click.IntRange(min=0, max=1024), help="Throughput: worker processes that read "
@@ -577,7 +579,8 @@ def _bench_throughput(models: tuple[str, ...], count: Optional[int], folder: Opt
     from .collection import find_images
 
     with tempfile.TemporaryDirectory(prefix="convify-bench-") as directory:
-        images = find_images([folder]).images if folder is not None else generated_images(Path(directory), count)
+        images = find_images([folder]).images[:limits.MAX_BENCH_IMAGES] if folder is not None else \
+            generated_images(Path(directory), count)
         if not images:
             raise ConvifyError(f"no images in {folder}")
         header = True

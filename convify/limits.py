@@ -80,3 +80,6 @@ MAX_ACTIVATION_RATIO = 400
 MIN_ACTIVATION_BYTES = 256 * 1024 * 1024
 # Tensors one operation of a converted file's graph may return (``x.split(1)`` on a 10**7-long view).
 MAX_PIECES = 10_000
+# Images `convify bench --images/--folder` times: it holds every one prepared in memory (about 3.5 MB each at
+# the default size of a 224 px model) to time the bare forward on them.
+MAX_BENCH_IMAGES = 512
